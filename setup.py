@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="simclic-tf",
+    version="0.1.0",
+    description="SimCLIC: self-supervised image representations by predicting a "
+                "perturbed representation, in Keras 3 / TensorFlow",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["simclic_tf", "simclic_tf.*", "kernels", "tuning"]),
+    py_modules=["train"],
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.10,<4",
+        "tensorflow-datasets>=4.9.9,<5",
+        "keras-tuner>=1.4.7,<2",
+        "tensorboard>=2.21,<2.22",
+        "scikit-learn>=1.5,<2",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+    },
+    entry_points={"console_scripts": ["simclic-train=train:main"]},
+)

@@ -1,0 +1,178 @@
+"""The one frozen dataclass that holds every knob of a SimCLIC run.
+
+The CLI flags (`train.py`), the keras-tuner search space (`tuning/`) and the
+saved `config.json` of a run are all derived from the fields below and their
+metadata (`help`, `choices`, `range`), so a knob is declared exactly once.
+"""
+
+import dataclasses
+import json
+from typing import Optional
+
+from simclic_tf.registry import BACKBONES, LOSSES, PERTURBATIONS, PREDICTORS
+
+
+class ConfigError(ValueError):
+    """A knob has a value that is out of range or makes no sense with another."""
+
+
+def knob(default, help, choices=None, range=None):
+    """A config field with the metadata the CLI and the tuner read."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices, "range": range}
+    )
+
+
+def flag(name):
+    """The CLI spelling of a config field, used in every error message."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCLICConfig:
+    # Data.
+    dataset: str = knob(
+        "digits", "tfds name, dir:PATH, npz:PATH, or digits (ships with scikit-learn)"
+    )
+    eval_dataset: Optional[str] = knob(
+        None,
+        "labelled set for kNN and linear evaluation; default: the dataset's "
+        "test split, else a held-out fraction of it",
+    )
+    data_dir: Optional[str] = knob(None, "tensorflow-datasets data directory")
+    image_size: Optional[int] = knob(
+        None, "resize images to this side length; default: the dataset's own",
+        range=(8, 1024),
+    )
+    test_fraction: float = knob(
+        0.2, "fraction held out for evaluation when the dataset has no test split",
+        range=(0.01, 0.9),
+    )
+    # Model.
+    backbone: str = knob("resnet18_cifar", "encoder backbone", choices=BACKBONES)
+    width: int = knob(64, "base channel width of the backbone", range=(1, 1024))
+    proj_dim: int = knob(2048, "projector hidden and output size", range=(8, 65536))
+    pred_hidden: int = knob(512, "predictor bottleneck size", range=(8, 65536))
+    predictor: str = knob("mlp2", "predictor h", choices=PREDICTORS)
+    perturbation: str = knob(
+        "history", "how the target view is built from z", choices=PERTURBATIONS
+    )
+    strength: Optional[float] = knob(
+        None,
+        "perturbation strength: history mix a, dropout rate, or noise scale s; "
+        "default: the perturbation's own",
+    )
+    history_momentum: float = knob(
+        0.0, "history buffer momentum m in H[i] <- m H[i] + (1-m) z", range=(0.0, 0.999)
+    )
+    bank_dtype: str = knob(
+        "float32", "storage dtype of the history buffer", choices=("float32", "bfloat16")
+    )
+    views: int = knob(2, "augmented views per image", choices=(1, 2))
+    perturb: str = knob(
+        "target", "branch the perturbation is applied to", choices=("target", "online")
+    )
+    stop_gradient: bool = knob(True, "stop the gradient through the target branch")
+    loss: str = knob("cosine", "distance D(p, t)", choices=LOSSES)
+    # Optimisation.
+    batch_size: int = knob(128, "global batch size", range=(2, 1 << 20))
+    epochs: int = knob(20, "pretraining epochs", range=(1, 100000))
+    base_lr: float = knob(0.03, "learning rate at batch 256 (lr = base_lr * B / 256)",
+                          range=(0.0, 100.0))
+    momentum: float = knob(0.9, "SGD momentum", range=(0.0, 0.999))
+    weight_decay: float = knob(
+        5e-4, "L2 weight decay added to the gradient, as PyTorch SGD does",
+        range=(0.0, 1.0),
+    )
+    warmup_epochs: int = knob(0, "linear learning-rate warm-up epochs", range=(0, 100000))
+    # Evaluation.
+    knn_k: int = knob(200, "neighbours in the weighted kNN", range=(1, 100000))
+    knn_t: float = knob(0.1, "temperature of the weighted kNN", range=(1e-4, 100.0))
+    knn_every: int = knob(1, "kNN monitor every N epochs (0: off)", range=(0, 100000))
+    linear_epochs: int = knob(
+        100, "epochs of the linear classifier on frozen features (0: skip)",
+        range=(0, 100000),
+    )
+    # Run.
+    seed: int = knob(0, "random seed", range=(0, 2**31 - 1))
+    run_dir: str = knob("runs/latest", "directory for logs, checkpoints and report")
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            self._check_field(field)
+        self._check_combinations()
+
+    def _check_field(self, field):
+        value = getattr(self, field.name)
+        if value is None:
+            return
+        choices = field.metadata["choices"]
+        if choices is not None:
+            names = choices.names() if hasattr(choices, "names") else choices
+            if value not in names:
+                raise ConfigError(
+                    f"{flag(field.name)} {value!r} is not accepted; "
+                    f"choose one of: {', '.join(map(str, names))}"
+                )
+        bounds = field.metadata["range"]
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise ConfigError(
+                f"{flag(field.name)} {value} is out of range; "
+                f"accepted: {bounds[0]} to {bounds[1]}"
+            )
+
+    def _check_combinations(self):
+        if self.views == 1 and self.perturbation == "none":
+            raise ConfigError(
+                "--views 1 needs a perturbation (--perturbation history, dropout "
+                "or noise): with 'none' the target is the online view itself, "
+                "which teaches nothing"
+            )
+        if self.strength is not None:
+            strength_range = PERTURBATIONS.get(self.perturbation).strength_range
+            if strength_range is None:
+                raise ConfigError(
+                    f"--strength is not accepted with --perturbation {self.perturbation},"
+                    " which has no strength; drop --strength or choose history, "
+                    "dropout or noise"
+                )
+            low, high = strength_range
+            if not low <= self.strength <= high:
+                raise ConfigError(
+                    f"--strength {self.strength} is out of range for "
+                    f"--perturbation {self.perturbation}; accepted: {low} to {high}"
+                )
+
+    @property
+    def learning_rate(self):
+        """Peak learning rate, linearly scaled with the batch size (Goyal et al.)."""
+        return self.base_lr * self.batch_size / 256
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config keys {unknown}; accepted: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"--config {path}: cannot read a JSON config ({error})")
+        return cls.from_dict(values)

@@ -1,0 +1,145 @@
+"""Perturbations P(z, i): how SimCLIC builds the target view from the
+representation z the encoder produced for sample i (DESIGN.md section 1).
+
+Each is one Keras layer registered under its CLI name. A layer takes the
+tuple of the views' representations and returns one perturbed tensor per
+view; `strength` is the single knob the tuner searches.
+"""
+
+import keras
+from keras import ops
+
+import kernels
+from simclic_tf.registry import PERTURBATIONS
+
+
+class Perturbation(keras.layers.Layer):
+    """Base class. Subclasses set `default_strength` and `strength_range`
+    (None when the perturbation has no knob) and implement `perturb`."""
+
+    default_strength = None
+    strength_range = None
+
+    def __init__(self, strength=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.strength = self.default_strength if strength is None else float(strength)
+        self.seed = seed
+
+    @classmethod
+    def from_run_config(cls, config, num_samples):
+        """Builds the layer from the run's SimCLICConfig."""
+        return cls(strength=config.strength, seed=config.seed)
+
+    def call(self, zs, indices, training=False):
+        return tuple(self.perturb(z, training) for z in zs)
+
+    def perturb(self, z, training):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
+
+
+@PERTURBATIONS.register("none")
+@keras.saving.register_keras_serializable("simclic_tf")
+class NoPerturbation(Perturbation):
+    """The target is z itself: exactly SimSiam, the baseline."""
+
+    def perturb(self, z, training):
+        return z
+
+
+@PERTURBATIONS.register("dropout")
+@keras.saving.register_keras_serializable("simclic_tf")
+class DropoutPerturbation(Perturbation):
+    """dropout(z, rate) with inverted scaling, active in training only."""
+
+    default_strength = 0.2
+    strength_range = (0.0, 0.95)
+
+    def __init__(self, strength=None, seed=None, **kwargs):
+        super().__init__(strength, seed, **kwargs)
+        self.dropout = keras.layers.Dropout(self.strength, seed=seed)
+
+    def perturb(self, z, training):
+        return self.dropout(z, training=training)
+
+
+@PERTURBATIONS.register("noise")
+@keras.saving.register_keras_serializable("simclic_tf")
+class NoisePerturbation(Perturbation):
+    """z + s * std_batch(z) * eps: Gaussian noise scaled by the batch's own
+    spread, so `s` means the same whatever the scale of z."""
+
+    default_strength = 0.5
+    strength_range = (0.0, 10.0)
+
+    def __init__(self, strength=None, seed=None, **kwargs):
+        super().__init__(strength, seed, **kwargs)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def perturb(self, z, training):
+        if not training:
+            return z
+        seed = ops.cast(self.seed_generator.next(), "int32")
+        return kernels.representation_noise(z, self.strength, seed)
+
+
+@PERTURBATIONS.register("history")
+@keras.saving.register_keras_serializable("simclic_tf")
+class HistoryPerturbation(Perturbation):
+    """The target is the sample's representation from its previous visit,
+    mixed with the current one: normalize(a * H^[i] + (1 - a) * z^).
+
+    The history buffer H (num_samples x dim) and the per-row visit count are
+    non-trainable weights, so checkpoints and `.keras` files carry them. In
+    training, each call reads the rows of the batch and writes the mean of
+    the views' z in the same O(batch x dim) exchange; rows never written yet
+    fall back to z.
+    """
+
+    default_strength = 1.0
+    strength_range = (0.0, 1.0)
+
+    def __init__(self, num_samples, dim, strength=None, momentum=0.0,
+                 bank_dtype="float32", seed=None, **kwargs):
+        super().__init__(strength, seed, **kwargs)
+        self.num_samples = int(num_samples)
+        self.dim = int(dim)
+        self.momentum = float(momentum)
+        self.bank_dtype = bank_dtype
+        self.bank = self.add_weight(
+            shape=(self.num_samples, self.dim), initializer="zeros",
+            dtype=bank_dtype, trainable=False, name="bank",
+        )
+        self.visits = self.add_weight(
+            shape=(self.num_samples,), initializer="zeros", dtype="int32",
+            trainable=False, name="visits",
+        )
+
+    @classmethod
+    def from_run_config(cls, config, num_samples):
+        return cls(num_samples, config.proj_dim, strength=config.strength,
+                   momentum=config.history_momentum, bank_dtype=config.bank_dtype,
+                   seed=config.seed)
+
+    def call(self, zs, indices, training=False):
+        indices = ops.cast(indices, "int32")
+        if training:
+            new_rows = ops.stop_gradient(sum(ops.cast(z, "float32") for z in zs) / len(zs))
+            old_rows, seen = kernels.history_exchange(
+                self.bank, self.visits, indices, new_rows, self.momentum)
+        else:
+            old_rows = ops.cast(ops.take(self.bank, indices, axis=0), "float32")
+            seen = ops.take(self.visits, indices, axis=0) > 0
+        return tuple(self._mix(old_rows, seen, z) for z in zs)
+
+    def _mix(self, old_rows, seen, z):
+        a = self.strength
+        current = ops.normalize(ops.cast(z, "float32"), axis=-1)
+        mixed = ops.normalize(a * ops.normalize(old_rows, axis=-1) + (1 - a) * current, axis=-1)
+        return ops.cast(ops.where(seen[:, None], mixed, ops.cast(z, "float32")), z.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "num_samples": self.num_samples, "dim": self.dim,
+                "momentum": self.momentum, "bank_dtype": self.bank_dtype}
