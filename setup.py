@@ -14,6 +14,7 @@ setup(
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",
         "tensorflow-datasets>=4.9.9,<5",
+        "importlib_resources",  # tfds's download_and_prepare imports it without requiring it
         "keras-tuner>=1.4.7,<2",
         "tensorboard>=2.21,<2.22",
         "scikit-learn>=1.5,<2",

@@ -8,62 +8,66 @@ from keras import layers
 from simclic_tf.registry import BACKBONES
 
 
-def _conv_bn_relu(x, filters, stride, name, relu=True):
+def _conv_bn_relu(x, filters, stride, name, bn_momentum, relu=True):
     x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                       name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _basic_block(x, filters, stride, name):
+def _basic_block(x, filters, stride, name, bn_momentum):
     """ResNet basic block (two 3x3 convolutions) with a projection shortcut
     when the shape changes."""
     shortcut = x
     if stride != 1 or x.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False,
                                  name=f"{name}_shortcut_conv")(x)
-        shortcut = layers.BatchNormalization(name=f"{name}_shortcut_bn")(shortcut)
-    x = _conv_bn_relu(x, filters, stride, f"{name}_1")
-    x = _conv_bn_relu(x, filters, 1, f"{name}_2", relu=False)
+        shortcut = layers.BatchNormalization(momentum=bn_momentum,
+                                             name=f"{name}_shortcut_bn")(shortcut)
+    x = _conv_bn_relu(x, filters, stride, f"{name}_1", bn_momentum)
+    x = _conv_bn_relu(x, filters, 1, f"{name}_2", bn_momentum, relu=False)
     x = layers.Add(name=f"{name}_add")([x, shortcut])
     return layers.ReLU(name=f"{name}_out")(x)
 
 
 @BACKBONES.register("resnet18_cifar")
-def resnet18_cifar(input_shape, width=64):
+def resnet18_cifar(input_shape, width=64, bn_momentum=0.9):
     """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool).
     `width` is the first stage's channel count (64 in the paper; 16 or 32 for
     CPU runs); the four stages use width x (1, 2, 4, 8)."""
     inputs = keras.Input(input_shape, name="images")
-    x = _conv_bn_relu(inputs, width, 1, "stem")
+    x = _conv_bn_relu(inputs, width, 1, "stem", bn_momentum)
     for stage, multiplier in enumerate((1, 2, 4, 8)):
         for block in range(2):
             stride = 2 if stage > 0 and block == 0 else 1
-            x = _basic_block(x, width * multiplier, stride, f"stage{stage + 1}_block{block + 1}")
+            x = _basic_block(x, width * multiplier, stride,
+                             f"stage{stage + 1}_block{block + 1}", bn_momentum)
     features = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, features, name="resnet18_cifar")
 
 
 @BACKBONES.register("resnet50")
-def resnet50(input_shape, width=64):
+def resnet50(input_shape, width=64, bn_momentum=0.99):
     """ResNet-50 from keras.applications (random init), for ImageNet-sized
-    images. Its width is fixed; `width` is accepted and ignored."""
-    del width
+    images. Its width and BatchNorm momentum are fixed; both knobs are
+    accepted and ignored."""
+    del width, bn_momentum
     return keras.applications.ResNet50(
         include_top=False, weights=None, input_shape=input_shape, pooling="avg"
     )
 
 
 @BACKBONES.register("tiny_convnet")
-def tiny_convnet(input_shape, width=16):
+def tiny_convnet(input_shape, width=16, bn_momentum=0.9):
     """Three conv-BN-ReLU layers: fast enough for unit tests on a CPU."""
     inputs = keras.Input(input_shape, name="images")
     x = inputs
     for i, multiplier in enumerate((1, 2, 4)):
-        x = _conv_bn_relu(x, width * multiplier, 1 if i == 0 else 2, f"conv{i + 1}")
+        x = _conv_bn_relu(x, width * multiplier, 1 if i == 0 else 2, f"conv{i + 1}",
+                          bn_momentum)
     features = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, features, name="tiny_convnet")
 
 
-def build_backbone(name, input_shape, width):
-    return BACKBONES.get(name)(tuple(input_shape), width=width)
+def build_backbone(name, input_shape, width, bn_momentum=0.9):
+    return BACKBONES.get(name)(tuple(input_shape), width=width, bn_momentum=bn_momentum)

@@ -51,6 +51,11 @@ class SimCLICConfig:
     # Model.
     backbone: str = knob("resnet18_cifar", "encoder backbone", choices=BACKBONES)
     width: int = knob(64, "base channel width of the backbone", range=(1, 1024))
+    bn_momentum: float = knob(
+        0.9, "BatchNorm moving-average momentum in Keras terms (PyTorch's default "
+        "0.1 is Keras 0.9; Keras's own 0.99 warms up too slowly for short runs)",
+        range=(0.0, 0.9999),
+    )
     proj_dim: int = knob(2048, "projector hidden and output size", range=(8, 65536))
     pred_hidden: int = knob(512, "predictor bottleneck size", range=(8, 65536))
     predictor: str = knob("mlp2", "predictor h", choices=PREDICTORS)

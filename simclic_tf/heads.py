@@ -7,16 +7,16 @@ from keras import layers
 from simclic_tf.registry import PREDICTORS
 
 
-def build_projector(feature_dim, dim):
+def build_projector(feature_dim, dim, bn_momentum=0.9):
     """SimSiam's CIFAR projector: two linear layers with BN, BN on the output
     without affine parameters (its bias would be a free collapse direction)."""
     return keras.Sequential([
         keras.Input((feature_dim,)),
         layers.Dense(dim, use_bias=False),
-        layers.BatchNormalization(),
+        layers.BatchNormalization(momentum=bn_momentum),
         layers.ReLU(),
         layers.Dense(dim, use_bias=False),
-        layers.BatchNormalization(center=False, scale=False),
+        layers.BatchNormalization(momentum=bn_momentum, center=False, scale=False),
     ], name="projector")
 
 

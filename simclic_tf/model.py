@@ -40,8 +40,10 @@ class SimCLIC(keras.Model):
         self.config = config
         self.image_shape = tuple(image_shape)
         self.num_samples = int(num_samples)
-        self.backbone = build_backbone(config.backbone, self.image_shape, config.width)
-        self.projector = build_projector(self.backbone.output.shape[-1], config.proj_dim)
+        self.backbone = build_backbone(config.backbone, self.image_shape, config.width,
+                                       config.bn_momentum)
+        self.projector = build_projector(self.backbone.output.shape[-1], config.proj_dim,
+                                         config.bn_momentum)
         self.predictor = PREDICTORS.get(config.predictor)(config.proj_dim, config.pred_hidden)
         self.perturbation = PERTURBATIONS.get(config.perturbation).from_run_config(
             config, self.num_samples)

@@ -1,0 +1,52 @@
+"""Callbacks for pretraining: the kNN monitor and the collapse alarm. Put
+them before `keras.callbacks.TensorBoard` so their values reach its logs."""
+
+import math
+
+import keras
+
+from simclic_tf.evaluation import extract_features, knn_accuracy
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Weighted kNN accuracy of the backbone every `every` epochs, added to the
+    epoch logs as `knn_accuracy` (so TensorBoard, History and tuners see it).
+
+    Args:
+      memory: labelled ImageSet whose features are the kNN memory bank.
+      queries: labelled ImageSet to classify.
+    """
+
+    def __init__(self, memory, queries, k=200, temperature=0.1, every=1):
+        super().__init__()
+        self.memory = memory
+        self.queries = queries
+        self.k = k
+        self.temperature = temperature
+        self.every = every
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        backbone = self.model.backbone
+        logs["knn_accuracy"] = knn_accuracy(
+            extract_features(backbone, self.memory.images), self.memory.labels,
+            extract_features(backbone, self.queries.images), self.queries.labels,
+            self.memory.num_classes, k=self.k, temperature=self.temperature)
+
+
+class CollapseMonitor(keras.callbacks.Callback):
+    """Says plainly when the representation has collapsed: `z_std` below
+    `fraction / sqrt(dim)` (a healthy run sits near 1 / sqrt(dim))."""
+
+    def __init__(self, dim, fraction=0.1):
+        super().__init__()
+        self.threshold = fraction / math.sqrt(dim)
+        self.collapsed_at = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        z_std = (logs or {}).get("z_std")
+        if z_std is not None and z_std < self.threshold and self.collapsed_at is None:
+            self.collapsed_at = epoch + 1
+            print(f"\nCOLLAPSE: at epoch {epoch + 1} z_std = {z_std:.2e} is below "
+                  f"{self.threshold:.2e}: every image maps to nearly the same z.")

@@ -1,0 +1,95 @@
+"""A whole SimCLIC job: pretrain, evaluate (kNN and linear, against the same
+encoder at random initialisation), export and report, in one run directory:
+
+    run_dir/config.json     the knobs, read back by --resume
+    run_dir/logs/           TensorBoard
+    run_dir/backup/         the last epoch's checkpoint while training runs
+    run_dir/history.csv     per-epoch loss, z_std, knn_accuracy
+    run_dir/model.keras     the full SimCLIC model (history buffer included)
+    run_dir/encoder.keras   the backbone alone, for downstream use
+    run_dir/report.json, report.md
+"""
+
+import os
+import time
+
+import keras
+
+from simclic_tf import augment, data
+from simclic_tf.callbacks import CollapseMonitor, KNNMonitor
+from simclic_tf.config import ConfigError, SimCLICConfig
+from simclic_tf.evaluation import evaluate_backbone, labelled_memory
+from simclic_tf.model import SimCLIC, build_optimizer
+from simclic_tf.report import write_report
+
+
+def prepare_run_dir(config, resume):
+    """Creates the run directory, or on resume reads the config saved there.
+    Refuses to overwrite a run that was not asked to resume."""
+    config_path = os.path.join(config.run_dir, "config.json")
+    if resume:
+        if not os.path.exists(config_path):
+            raise ConfigError(
+                f"--resume: {config_path} does not exist; --run-dir must name the "
+                "directory of the run to continue")
+        return SimCLICConfig.load(config_path).replace(run_dir=config.run_dir)
+    if os.path.exists(config_path):
+        raise ConfigError(
+            f"--run-dir {config.run_dir} already holds a run; pass --resume to "
+            "continue it, or choose another --run-dir")
+    os.makedirs(config.run_dir, exist_ok=True)
+    config.save(config_path)
+    return config
+
+
+def build_model(config, train_set):
+    """A compiled SimCLIC model for this config and training set."""
+    steps_per_epoch = len(train_set) // config.batch_size
+    model = SimCLIC(config, train_set.images.shape[1:], len(train_set))
+    model.compile(optimizer=build_optimizer(config, steps_per_epoch))
+    return model
+
+
+def run(config, resume=False):
+    """Runs the job and returns the report dict (also written to run_dir)."""
+    config = prepare_run_dir(config, resume)
+    keras.utils.set_random_seed(config.seed)
+    train_set, test_set = data.load_train_and_eval(config)
+    views = augment.build_augmentation(train_set.images.shape[1], train_set.images.shape[-1])
+    pretrain_data = data.pretrain_dataset(
+        train_set.images, config.batch_size, config.views, views, seed=config.seed)
+    model = build_model(config, train_set)
+    random_init = evaluate_backbone(model.backbone, train_set, test_set, config)
+
+    collapse = CollapseMonitor(config.proj_dim)
+    callbacks = [collapse]
+    if config.knn_every:
+        memory, queries = labelled_memory(train_set, test_set, config.seed)
+        callbacks.append(KNNMonitor(memory, queries, config.knn_k, config.knn_t,
+                                    config.knn_every))
+    callbacks += [
+        keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup")),
+        keras.callbacks.CSVLogger(os.path.join(config.run_dir, "history.csv"), append=resume),
+        keras.callbacks.TensorBoard(os.path.join(config.run_dir, "logs")),
+    ]
+    start = time.time()
+    history = model.fit(pretrain_data, epochs=config.epochs, callbacks=callbacks, shuffle=False)
+    train_seconds = time.time() - start
+
+    model.save(os.path.join(config.run_dir, "model.keras"))
+    model.backbone.save(os.path.join(config.run_dir, "encoder.keras"))
+    pretrained = evaluate_backbone(model.backbone, train_set, test_set, config)
+    report = {
+        "config": config.to_dict(),
+        "data": {"train_images": len(train_set), "test_images": len(test_set),
+                 "image_shape": list(train_set.images.shape[1:]),
+                 "num_classes": train_set.num_classes},
+        "pretrained": pretrained,
+        "random_init": random_init,
+        "final_loss": history.history["loss"][-1],
+        "final_z_std": history.history["z_std"][-1],
+        "collapsed_at_epoch": collapse.collapsed_at,
+        "train_seconds": train_seconds,
+    }
+    write_report(report, config.run_dir)
+    return report

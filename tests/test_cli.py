@@ -1,0 +1,125 @@
+"""train.py end to end on digits, its errors, and resuming a crashed run."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from keras import ops
+
+import train
+from simclic_tf import run as run_module
+from simclic_tf.cli import add_config_flags, config_from_args
+
+TINY = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32", "--pred-hidden", "8",
+        "--batch-size", "64", "--linear-epochs", "5", "--knn-k", "20"]
+
+
+def read_history(run_dir):
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_digits_end_to_end(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--epochs", "2", "--run-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["data"] == {"train_images": 1437, "test_images": 360, "image_shape": [8, 8, 1],
+                              "num_classes": 10}
+    for encoder in ("pretrained", "random_init"):
+        # Even a tiny encoder's features classify digits far above chance (0.1).
+        assert report[encoder]["knn_accuracy"] > 0.3
+        assert report[encoder]["linear_accuracy"] > 0.3
+    assert report["config"]["perturbation"] == "history" and report["collapsed_at_epoch"] is None
+    assert "| pretrained |" in capsys.readouterr().out
+    assert "kNN (k=20, t=0.1) error %" in (run_dir / "report.md").read_text()
+
+    rows = read_history(run_dir)
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert float(rows[-1]["knn_accuracy"]) == pytest.approx(report["pretrained"]["knn_accuracy"])
+    assert list((run_dir / "logs" / "train").glob("events.out.tfevents.*"))
+    assert not (run_dir / "backup").exists()  # removed once training completed
+
+    encoder = keras.models.load_model(run_dir / "encoder.keras", safe_mode=True)
+    assert encoder.output.shape[-1] == 16  # tiny_convnet width 4: 4 x 4 channels
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    visits = ops.convert_to_numpy(model.perturbation.visits)
+    assert visits.sum() == 2 * (1437 // 64) * 64  # every step wrote its batch
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    argv = TINY + ["--epochs", "4", "--knn-every", "2", "--run-dir", str(run_dir)]
+
+    def crash_at_third_epoch(self, epoch, logs=None):
+        if epoch == 2:
+            raise Crash()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module.CollapseMonitor, "on_epoch_begin", crash_at_third_epoch,
+                      raising=False)
+        with pytest.raises(Crash):
+            train.main(argv)
+    assert (run_dir / "backup").exists() and not (run_dir / "report.json").exists()
+    assert [row["epoch"] for row in read_history(run_dir)] == ["0", "1"]
+
+    assert train.main(["--run-dir", str(run_dir), "--resume"]) == 0
+    assert [row["epoch"] for row in read_history(run_dir)] == ["0", "1", "2", "3"]
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    steps = 1437 // 64
+    # Four epochs of writes: the buffer of the first two survived the crash.
+    assert ops.convert_to_numpy(model.perturbation.visits).sum() == 4 * steps * 64
+    assert int(model.optimizer.iterations) == 4 * steps
+
+
+def test_the_tfds_path_under_mock_data(tmp_path):
+    run_dir = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=160):
+        assert train.main(TINY + ["--dataset", "cifar10", "--epochs", "1", "--batch-size", "32",
+                                  "--knn-every", "0", "--run-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["data"]["image_shape"] == [32, 32, 3] and report["data"]["num_classes"] == 10
+    assert report["data"]["train_images"] + report["data"]["test_images"] >= 160
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--views", "1", "--perturbation", "none"], ["--views 1", "--perturbation"]),
+    (["--perturbation", "noise", "--strength", "20"], ["--strength 20", "0.0 to 10.0"]),
+    (["--batch-size", "5000"], ["--batch-size 5000", "1437 images"]),
+    (["--dataset", "npz:/nonexistent/x.npz"], ["--dataset", "/nonexistent/x.npz"]),
+    (["--backbone", "vgg"], ["--backbone 'vgg'", "resnet18_cifar"]),
+])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + argv + ["--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    for word in words:
+        assert word in message
+
+
+def test_a_finished_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--run-dir", str(tmp_path / "run")])
+    assert "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--run-dir", str(tmp_path / "elsewhere"), "--resume"])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_flags_are_the_config_fields_and_override_a_config_file(tmp_path):
+    import argparse
+    parser = add_config_flags(argparse.ArgumentParser())
+    (tmp_path / "c.json").write_text(json.dumps({"perturbation": "noise", "width": 8}))
+    config = config_from_args(parser.parse_args(
+        ["--config", str(tmp_path / "c.json"), "--width", "16", "--no-stop-gradient"]))
+    assert (config.perturbation, config.width, config.stop_gradient) == ("noise", 16, False)
+    assert np.isclose(config.base_lr, 0.03)

@@ -1,0 +1,320 @@
+import logging
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclic_tf.augment import build_augmentation
+from simclic_tf.config import SimCLICConfig
+from simclic_tf.data import (
+    DataError, eval_dataset, load_images, load_train_and_eval, pretrain_dataset)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CLASSES = ("airplane", "cat", "ship")
+PER_CLASS = 20
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """dir: layout with the first 20 CIFAR-10 test JPEGs of 3 classes."""
+    archive = SHARED_DATA / "cifar10_test_jpeg.tar.gz"
+    if not archive.exists():
+        pytest.skip(f"shared test data not found at {archive}")
+    root = tmp_path_factory.mktemp("cifar")
+    wanted = {f"test/{c}/{i:04d}.jpg" for c in CLASSES for i in range(PER_CLASS)}
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar if m.name in wanted]
+        tar.extractall(root, members=members, filter="data")
+    return root / "test"
+
+
+@pytest.fixture
+def cifar_copy(cifar_dir, tmp_path):
+    return Path(shutil.copytree(cifar_dir, tmp_path / "test"))
+
+
+def save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+# digits
+
+
+def test_digits():
+    data = load_images("digits")
+    assert data.images.shape == (1797, 8, 8, 1) and data.images.dtype == np.uint8
+    assert data.images.max() == 255 and data.images.min() == 0
+    assert data.labels.dtype == np.int64 and set(data.labels) == set(range(10))
+    assert data.class_names == [str(i) for i in range(10)] and data.num_classes == 10
+    assert len(data) == 1797
+
+
+def test_resize_on_load():
+    data = load_images("digits", image_size=16)
+    assert data.images.shape == (1797, 16, 16, 1) and data.images.dtype == np.uint8
+
+
+def test_single_set_sources_have_no_test_split():
+    with pytest.raises(DataError, match="no 'test' split.*--test-fraction"):
+        load_images("digits", split="test")
+
+
+@pytest.mark.parametrize("name", ["npz", "digits:x", "dir:"])
+def test_malformed_names_say_how_to_write_them(name):
+    with pytest.raises(DataError, match="write"):
+        load_images(name)
+
+
+# npz
+
+
+def test_npz(tmp_path):
+    x = np.arange(6 * 4 * 4 * 3, dtype=np.uint8).reshape(6, 4, 4, 3)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    data = load_images(save_npz(tmp_path / "d.npz", x=x, y=y, class_names=["a", "b", "c"]))
+    np.testing.assert_array_equal(data.images, x)
+    np.testing.assert_array_equal(data.labels, y)
+    assert data.class_names == ["a", "b", "c"]
+
+
+def test_npz_grey_unlabeled_and_column_labels(tmp_path):
+    x = np.zeros((5, 4, 4), np.uint8)
+    data = load_images(save_npz(tmp_path / "grey.npz", x=x))
+    assert data.images.shape == (5, 4, 4, 1) and data.labels is None
+    data = load_images(save_npz(tmp_path / "col.npz", x=x, y=np.arange(5)[:, None]))
+    assert data.labels.shape == (5,) and data.class_names == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(images=np.zeros((2, 4, 4, 3), np.uint8)), ["no array 'x'", "uint8"]),
+    (dict(x=np.zeros((3, 4, 4, 3), np.uint8), y=np.arange(4)), ["'y'", "(4,)", "(3,)"]),
+    (dict(x=np.zeros((3, 4, 4, 3), np.float32)), ["'x'", "float32", "uint8"]),
+    (dict(x=np.zeros((3, 4), np.uint8)), ["'x'", "(3, 4)", "N x H x W x C"]),
+    (dict(x=np.zeros((3, 4, 4, 3), np.uint8), y=np.array([0.5, 1, 2])), ["'y'", "integer"]),
+    (dict(x=np.zeros((3, 4, 4, 3), np.uint8), y=np.array(["a", None, 1], dtype=object)),
+     ["pickle"]),
+])
+def test_npz_errors_name_the_file_the_array_and_what_is_expected(tmp_path, arrays, words):
+    name = save_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError) as error:
+        load_images(name)
+    assert name in str(error.value)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_npz_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nothere.npz"):
+        load_images(f"npz:{tmp_path / 'nothere.npz'}")
+
+
+def test_shared_npz_loads(tmp_path):
+    path = SHARED_DATA / "cifar10_test.npz"
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path}")
+    data = load_images(f"npz:{path}")
+    assert data.images.shape == (10000, 32, 32, 3) and data.class_names[0] == "airplane"
+    assert Counter(data.labels.tolist()) == {k: 1000 for k in range(10)}
+
+
+# dir
+
+
+def test_dir_labels_follow_sorted_folders(cifar_dir):
+    data = load_images(f"dir:{cifar_dir}")
+    assert data.images.shape == (3 * PER_CLASS, 32, 32, 3) and data.images.dtype == np.uint8
+    assert data.class_names == sorted(CLASSES)
+    np.testing.assert_array_equal(data.labels, np.repeat([0, 1, 2], PER_CLASS))
+
+
+def test_dir_pixels_match_the_shared_decoded_copy(cifar_dir):
+    path = SHARED_DATA / "cifar10_test.npz"
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path}")
+    with np.load(path) as shared:
+        rows = [list(shared["source_paths"]).index(f"test/cat/{i:04d}.jpg")
+                for i in range(PER_CLASS)]
+        expected = shared["x"][rows]
+    cats = load_images(f"dir:{cifar_dir}").images[PER_CLASS:2 * PER_CLASS]
+    np.testing.assert_array_equal(cats, expected)
+
+
+def test_dir_skips_and_counts_corrupt_files(cifar_copy, caplog):
+    (cifar_copy / "cat" / "x.jpg").write_bytes(b"not an image at all")
+    (cifar_copy / "cat" / "notes.txt").write_text("ignored by extension")
+    with caplog.at_level(logging.WARNING, logger="simclic_tf.data"):
+        data = load_images(f"dir:{cifar_copy}")
+    assert len(data) == 3 * PER_CLASS
+    np.testing.assert_array_equal(data.labels, np.repeat([0, 1, 2], PER_CLASS))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert f"skipped 1 of {3 * PER_CLASS + 1}" in warnings[0] and "x.jpg" in warnings[0]
+
+
+def test_dir_where_nothing_decodes_is_an_error(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=f"dir:{tmp_path}.*none of its 3 image files"):
+        load_images(f"dir:{tmp_path}")
+
+
+def test_dir_without_images_or_folder_is_an_error(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images")
+    with pytest.raises(DataError, match="holds no image files"):
+        load_images(f"dir:{tmp_path}")
+    with pytest.raises(DataError, match="no such folder"):
+        load_images(f"dir:{tmp_path / 'missing'}")
+
+
+def test_dir_flat_folder_is_unlabeled_and_resized(cifar_dir):
+    data = load_images(f"dir:{cifar_dir / 'ship'}", image_size=16)
+    assert data.labels is None and data.class_names == []
+    assert data.images.shape == (PER_CLASS, 16, 16, 3)
+
+
+def test_dir_grey_images_and_mixed_sizes(tmp_path):
+    for i, side in enumerate([6, 6, 10]):
+        grey = np.full((side, side, 1), 40 * i, np.uint8)
+        (tmp_path / f"{i}.png").write_bytes(tf.io.encode_png(grey).numpy())
+    data = load_images(f"dir:{tmp_path}")
+    assert data.images.shape == (3, 6, 6, 1)  # the first image's size, grey kept
+    np.testing.assert_array_equal(data.images[:, 0, 0, 0], [0, 40, 80])
+
+
+# tensorflow-datasets
+
+
+def test_tfds_with_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        train = load_images("cifar10", "train", data_dir=str(tmp_path))
+        test = load_images("cifar10", "test", data_dir=str(tmp_path), image_size=16)
+    assert train.images.shape == (12, 32, 32, 3) and train.images.dtype == np.uint8
+    assert train.labels.dtype == np.int64 and train.labels.max() < 10
+    assert train.num_classes == 10  # mock data have no label names: "0".."9"
+    assert test.images.shape == (12, 16, 16, 3) and len(test.labels) == 12
+
+
+def test_tfds_offline_says_how_to_get_the_data(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(DataError) as error:
+        load_images("cifar10", data_dir=str(tmp_path))
+    message = str(error.value)
+    for words in ["could not be downloaded", "network is unreachable",
+                  "tfds build cifar10", "--data-dir", "dir:PATH", "npz:PATH"]:
+        assert words in message
+
+
+def test_unknown_name_is_neither_local_nor_tfds(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(DataError, match="neither a local form .*digits.* nor a tensorflow"):
+        load_images("no_such_dataset_anywhere")
+    with pytest.raises(DataError, match="did you mean dir:"):
+        load_images(str(tmp_path))
+
+
+# splits
+
+
+def test_digits_held_out_split_is_stratified_and_disjoint():
+    config = SimCLICConfig(test_fraction=0.25, seed=3)
+    train, held_out = load_train_and_eval(config)
+    full = load_images("digits")
+    assert len(train) + len(held_out) == len(full)
+    assert len(held_out) == int(np.ceil(0.25 * len(full)))
+    rows = lambda data: Counter(map(bytes, data.images.reshape(len(data), -1)))
+    assert rows(train) + rows(held_out) == rows(full)  # a partition of the rows
+    for label, count in Counter(full.labels.tolist()).items():
+        assert abs(np.sum(held_out.labels == label) - 0.25 * count) <= 1
+    again, _ = load_train_and_eval(config)
+    np.testing.assert_array_equal(again.images, train.images)
+
+
+def test_eval_dataset_is_resized_to_the_training_images(tmp_path):
+    x = np.zeros((4, 16, 16, 1), np.uint8)
+    name = save_npz(tmp_path / "eval.npz", x=x, y=np.array([0, 1, 0, 1]))
+    train, evaluation = load_train_and_eval(SimCLICConfig(eval_dataset=name))
+    assert len(train) == 1797 and evaluation.images.shape == (4, 8, 8, 1)
+
+
+def test_eval_dataset_must_be_labelled(tmp_path):
+    name = save_npz(tmp_path / "eval.npz", x=np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(DataError, match="--eval-dataset.*no labels"):
+        load_train_and_eval(SimCLICConfig(eval_dataset=name))
+
+
+def test_unlabeled_dataset_needs_an_eval_dataset(tmp_path):
+    name = save_npz(tmp_path / "train.npz", x=np.zeros((10, 8, 8, 1), np.uint8))
+    with pytest.raises(DataError, match="--eval-dataset is needed"):
+        load_train_and_eval(SimCLICConfig(dataset=name))
+
+
+def test_load_errors_name_the_flag(tmp_path):
+    with pytest.raises(DataError, match=r"^--dataset 'npz:"):
+        load_train_and_eval(SimCLICConfig(dataset=f"npz:{tmp_path / 'none.npz'}"))
+    with pytest.raises(DataError, match=r"^--eval-dataset 'npz:"):
+        load_train_and_eval(SimCLICConfig(eval_dataset=f"npz:{tmp_path / 'none.npz'}"))
+
+
+# pipelines
+
+
+def numbered_images(n, side=3):
+    """Image k is filled with the value 10 k, so a batch tells which rows it holds."""
+    return np.broadcast_to((10 * np.arange(n, dtype=np.uint8))[:, None, None, None],
+                           (n, side, side, 1)).copy()
+
+
+def test_pretrain_dataset_views_and_stable_indices():
+    images = numbered_images(11)
+    dataset = pretrain_dataset(images, batch_size=4, views=2, augment=tf.identity, seed=0)
+    epochs = []
+    for _ in range(2):
+        seen = []
+        for (view1, view2), indices in dataset:
+            assert view1.dtype == tf.float32 and indices.dtype == tf.int32
+            assert view1.shape == (4, 3, 3, 1)
+            np.testing.assert_allclose(view1.numpy(), images[indices.numpy()] / 255.0)
+            np.testing.assert_array_equal(view1.numpy(), view2.numpy())
+            seen += indices.numpy().tolist()
+        assert len(seen) == 8 and len(set(seen)) == 8 and set(seen) <= set(range(11))
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+
+def test_pretrain_dataset_covers_every_row_once_per_epoch():
+    images = numbered_images(12)
+    dataset = pretrain_dataset(images, batch_size=4, views=1, augment=tf.identity)
+    batches = list(dataset)
+    assert len(batches) == 3 and all(len(views) == 1 for views, _ in batches)
+    assert sorted(np.concatenate([i.numpy() for _, i in batches])) == list(range(12))
+
+
+def test_pretrain_dataset_views_are_independent_augmentations():
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    dataset = pretrain_dataset(images, 8, 2, build_augmentation(16, 3))
+    (view1, view2), _ = next(iter(dataset))
+    assert view1.shape == (8, 16, 16, 3) and 0 <= np.min(view1) and np.max(view1) <= 1
+    assert np.abs(view1.numpy() - view2.numpy()).mean(axis=(1, 2, 3)).min() > 1e-3
+
+
+def test_batch_larger_than_dataset_names_the_flag():
+    with pytest.raises(DataError, match=r"--batch-size 12 .*\(11 images\)"):
+        pretrain_dataset(numbered_images(11), 12, 2, tf.identity)
+
+
+def test_eval_dataset_keeps_order_and_remainder():
+    images = numbered_images(11)
+    batches = [b.numpy() for b in eval_dataset(images, 4)]
+    assert [len(b) for b in batches] == [4, 4, 3] and batches[0].dtype == np.float32
+    np.testing.assert_allclose(np.concatenate(batches), images / 255.0)

@@ -1,0 +1,37 @@
+"""Pretrain a SimCLIC encoder, evaluate it and write a report.
+
+    python train.py                       # digits, ships with scikit-learn
+    python train.py --dataset cifar100    # via tensorflow-datasets
+    python train.py --run-dir runs/a --resume
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from simclic_tf.cli import add_config_flags, config_from_args  # noqa: E402
+from simclic_tf.config import ConfigError  # noqa: E402
+from simclic_tf.data import DataError  # noqa: E402
+from simclic_tf.report import markdown  # noqa: E402
+from simclic_tf.run import run  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped run in --run-dir from its last checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        report = run(config_from_args(args), resume=args.resume)
+    except (ConfigError, DataError) as error:
+        parser.error(str(error))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
