@@ -31,7 +31,8 @@ def train_function(config, images, num_samples):
     batch = len(images)
     indices = tf.data.Dataset.range(num_samples).shuffle(num_samples).batch(batch, True)
     data = indices.map(lambda i: ((images, images), tf.cast(i, tf.int32))).repeat()
-    return model.make_train_function(), iter(data)
+    model.make_train_function()
+    return model.train_function, iter(data)
 
 
 def main():

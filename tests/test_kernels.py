@@ -328,11 +328,12 @@ def test_hlo_check_catches_a_full_copy():
 # representation_noise
 
 
-@tf.function(jit_compile=True)
-def _xla_eps(shape, seed):
-    # The eps of the kernel: XLA's stateless normal (TF's non-XLA kernel
-    # draws different numbers for the same seed).
-    return tf.random.stateless_normal(shape, seed)
+def _eps(shape, seed, jit=False):
+    # The eps of the kernel: drawn in the caller's context, and XLA's
+    # stateless normal draws different numbers from TF's for the same seed.
+    draw = tf.function(tf.random.stateless_normal, jit_compile=True) if jit else \
+        tf.random.stateless_normal
+    return draw(shape, seed)
 
 
 NOISE_MODES = {
@@ -348,7 +349,7 @@ def test_noise_matches_reference(mode):
     x = (rng.normal(size=(16, 8)) * np.linspace(0.1, 3.0, 8)).astype(np.float32)
     seed = tf.constant([3, 4], tf.int32)
     out = NOISE_MODES[mode](tf.constant(x), 0.5, seed).numpy()
-    eps = _xla_eps(tf.constant([16, 8]), seed).numpy()
+    eps = _eps(tf.constant([16, 8]), seed, jit=mode == "jit").numpy()
     np.testing.assert_allclose(
         out, representation_noise_reference(x, 0.5, eps), rtol=1e-5, atol=1e-5
     )
@@ -409,7 +410,7 @@ def test_noise_low_precision_dtype(dtype):
     out = representation_noise(x, 0.5, seed)
     assert out.dtype == x.dtype and out.shape == x.shape
     x_np = x.numpy()
-    ref = representation_noise_reference(x_np, 0.5, _xla_eps(tf.constant([16, 8]), seed).numpy())
+    ref = representation_noise_reference(x_np, 0.5, _eps(tf.constant([16, 8]), seed).numpy())
     assert ref.dtype == x_np.dtype
     rtol = BF16_RTOL if dtype == "bfloat16" else 2.0**-10
     np.testing.assert_allclose(
