@@ -1,7 +1,9 @@
 """Callbacks for pretraining: the kNN monitor and the collapse alarm. Put
 them before `keras.callbacks.TensorBoard` so their values reach its logs."""
 
+import csv
 import math
+import os
 
 import keras
 
@@ -9,8 +11,8 @@ from simclic_tf.evaluation import extract_features, knn_accuracy
 
 
 class KNNMonitor(keras.callbacks.Callback):
-    """Weighted kNN accuracy of the backbone every `every` epochs, added to the
-    epoch logs as `knn_accuracy` (so TensorBoard, History and tuners see it).
+    """Weighted kNN accuracy of the backbone after the first epoch and every
+    `every` epochs, added to the epoch logs as `knn_accuracy` (so TensorBoard, History and tuners see it).
 
     Args:
       memory: labelled ImageSet whose features are the kNN memory bank.
@@ -26,7 +28,8 @@ class KNNMonitor(keras.callbacks.Callback):
         self.every = every
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or (epoch + 1) % self.every:
+        # Always after the first epoch too: its keys fix the columns of CSVLogger.
+        if logs is None or (epoch > 0 and (epoch + 1) % self.every):
             return
         backbone = self.model.backbone
         logs["knn_accuracy"] = knn_accuracy(
@@ -50,3 +53,20 @@ class CollapseMonitor(keras.callbacks.Callback):
             self.collapsed_at = epoch + 1
             print(f"\nCOLLAPSE: at epoch {epoch + 1} z_std = {z_std:.2e} is below "
                   f"{self.threshold:.2e}: every image maps to nearly the same z.")
+
+
+class ResumableCSVLogger(keras.callbacks.CSVLogger):
+    """CSVLogger that keeps an existing file's columns when it appends.
+
+    Keras's takes its columns from the first epoch it sees, so a resumed run
+    whose first epoch lacks a key (kNN runs every few epochs) would write rows
+    that do not match the header.
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.append and os.path.exists(self.filename):
+            with open(self.filename, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header:
+                self.keys = header[1:]  # after "epoch"

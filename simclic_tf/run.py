@@ -16,7 +16,7 @@ import time
 import keras
 
 from simclic_tf import augment, data
-from simclic_tf.callbacks import CollapseMonitor, KNNMonitor
+from simclic_tf.callbacks import CollapseMonitor, KNNMonitor, ResumableCSVLogger
 from simclic_tf.config import ConfigError, SimCLICConfig
 from simclic_tf.evaluation import evaluate_backbone, labelled_memory
 from simclic_tf.model import SimCLIC, build_optimizer
@@ -55,9 +55,10 @@ def run(config, resume=False):
     config = prepare_run_dir(config, resume)
     keras.utils.set_random_seed(config.seed)
     train_set, test_set = data.load_train_and_eval(config)
-    views = augment.build_augmentation(train_set.images.shape[1], train_set.images.shape[-1])
+    augmentation = augment.build_augmentation(
+        train_set.images.shape[1:3], train_set.images.shape[-1], seed=config.seed)
     pretrain_data = data.pretrain_dataset(
-        train_set.images, config.batch_size, config.views, views, seed=config.seed)
+        train_set.images, config.batch_size, config.views, augmentation, seed=config.seed)
     model = build_model(config, train_set)
     random_init = evaluate_backbone(model.backbone, train_set, test_set, config)
 
@@ -69,7 +70,7 @@ def run(config, resume=False):
                                     config.knn_every))
     callbacks += [
         keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup")),
-        keras.callbacks.CSVLogger(os.path.join(config.run_dir, "history.csv"), append=resume),
+        ResumableCSVLogger(os.path.join(config.run_dir, "history.csv"), append=resume),
         keras.callbacks.TensorBoard(os.path.join(config.run_dir, "logs")),
     ]
     start = time.time()

@@ -70,7 +70,10 @@ def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
     assert [row["epoch"] for row in read_history(run_dir)] == ["0", "1"]
 
     assert train.main(["--run-dir", str(run_dir), "--resume"]) == 0
-    assert [row["epoch"] for row in read_history(run_dir)] == ["0", "1", "2", "3"]
+    rows = read_history(run_dir)
+    assert [row["epoch"] for row in rows] == ["0", "1", "2", "3"]
+    # --knn-every 2: after the first epoch, then every second one.
+    assert [row["knn_accuracy"] != "NA" for row in rows] == [True, True, False, True]
     model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
     steps = 1437 // 64
     # Four epochs of writes: the buffer of the first two survived the crash.
