@@ -1,5 +1,6 @@
-"""Callbacks for pretraining: the kNN monitor and the collapse alarm. Put
-them before `keras.callbacks.TensorBoard` so their values reach its logs."""
+"""Callbacks for pretraining: the kNN monitor, the collapse alarm, and a
+CSV logger that survives resuming. Put the monitors before
+`keras.callbacks.TensorBoard` so their values reach its logs."""
 
 import csv
 import math
@@ -12,7 +13,8 @@ from simclic_tf.evaluation import extract_features, knn_accuracy
 
 class KNNMonitor(keras.callbacks.Callback):
     """Weighted kNN accuracy of the backbone after the first epoch and every
-    `every` epochs, added to the epoch logs as `knn_accuracy` (so TensorBoard, History and tuners see it).
+    `every` epochs, added to the epoch logs as `knn_accuracy` (so TensorBoard,
+    History and tuners see it).
 
     Args:
       memory: labelled ImageSet whose features are the kNN memory bank.
