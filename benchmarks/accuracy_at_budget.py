@@ -2,7 +2,7 @@
 fixed budget on real CIFAR-10, against the same encoder at random
 initialisation; prints a table and writes it as CSV.
 
-    python benchmarks/accuracy_at_budget.py --epochs 30 --width 16
+    python benchmarks/accuracy_at_budget.py --epochs 25 --width 16 --base-lr 0.06
 
 Pretraining reads `cifar10_train_10k.npz` (labels unused; they serve as the
 kNN memory and the linear classifier's training set) and evaluation
@@ -30,10 +30,10 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED_DATA), help="the shared data folder")
     parser.add_argument("--perturbations", default="none,history,dropout,noise")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--base-lr", type=float, default=0.03)
+    parser.add_argument("--base-lr", type=float, default=0.06)
     parser.add_argument("--warmup-epochs", type=int, default=0)
     parser.add_argument("--out", default="runs/accuracy_at_budget")
     args = parser.parse_args()
