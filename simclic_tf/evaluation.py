@@ -77,18 +77,18 @@ def labelled_memory(train_set, test_set, seed=0):
     return test_set.subset(memory), test_set.subset(queries)
 
 
-def evaluate_backbone(backbone, train_set, test_set, config):
-    """kNN and linear accuracy of a backbone, with the train set as the kNN
-    memory and the linear classifier's training data (see labelled_memory)."""
-    train_set, test_set = labelled_memory(train_set, test_set, config.seed)
-    train_features = extract_features(backbone, train_set.images)
-    test_features = extract_features(backbone, test_set.images)
-    num_classes = train_set.num_classes
+def evaluate_backbone(backbone, memory, queries, config):
+    """kNN and linear accuracy of a backbone on the labelled `queries`, with
+    `memory` as the kNN memory and the linear classifier's training data
+    (see labelled_memory)."""
+    memory_features = extract_features(backbone, memory.images)
+    query_features = extract_features(backbone, queries.images)
+    num_classes = memory.num_classes
     results = {"knn_accuracy": knn_accuracy(
-        train_features, train_set.labels, test_features, test_set.labels, num_classes,
+        memory_features, memory.labels, query_features, queries.labels, num_classes,
         k=config.knn_k, temperature=config.knn_t)}
     if config.linear_epochs:
         results["linear_accuracy"] = linear_accuracy(
-            train_features, train_set.labels, test_features, test_set.labels, num_classes,
+            memory_features, memory.labels, query_features, queries.labels, num_classes,
             epochs=config.linear_epochs, seed=config.seed)
     return results

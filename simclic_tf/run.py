@@ -60,12 +60,12 @@ def run(config, resume=False):
     pretrain_data = data.pretrain_dataset(
         train_set.images, config.batch_size, config.views, augmentation, seed=config.seed)
     model = build_model(config, train_set)
-    random_init = evaluate_backbone(model.backbone, train_set, test_set, config)
+    memory, queries = labelled_memory(train_set, test_set, config.seed)
+    random_init = evaluate_backbone(model.backbone, memory, queries, config)
 
     collapse = CollapseMonitor(config.proj_dim)
     callbacks = [collapse]
     if config.knn_every:
-        memory, queries = labelled_memory(train_set, test_set, config.seed)
         callbacks.append(KNNMonitor(memory, queries, config.knn_k, config.knn_t,
                                     config.knn_every))
     callbacks += [
@@ -79,7 +79,7 @@ def run(config, resume=False):
 
     model.save(os.path.join(config.run_dir, "model.keras"))
     model.backbone.save(os.path.join(config.run_dir, "encoder.keras"))
-    pretrained = evaluate_backbone(model.backbone, train_set, test_set, config)
+    pretrained = evaluate_backbone(model.backbone, memory, queries, config)
     report = {
         "config": config.to_dict(),
         "data": {"train_images": len(train_set), "test_images": len(test_set),
