@@ -57,8 +57,9 @@ ResourceScatterUpdate kernels around the XLA-compiled arithmetic. XLA:GPU lists
 scatter among its bfloat16 "data movement" ops, so on GPU the default path
 should stay in place for bfloat16 too (read from XLA's source, not yet checked
 on a GPU). An enclosing jit-compiled function on CPU compiles everything into
-its own cluster, so the float normalisation comes back there; nothing this
-module can do about it.
+its own cluster, so the float normalisation comes back there (a Keras
+`train_step` is jit-compiled by default): nothing this module can do about it;
+the C++ op (`kernels.custom_op`) avoids it with an in-place XLA custom call.
 
 Variables: `bank` and `visits` may be `tf.Variable`s or Keras 3 `keras.Variable`s
 (TF backend); for the latter the underlying `tf.Variable` (`_value`) is used
@@ -66,13 +67,21 @@ directly, bypassing Keras autocasting (under a mixed-precision policy
 `keras.Variable.value` may return a cast copy, not the variable). Calling inside
 a Keras `StatelessScope` raises: an in-place update has no stateless meaning.
 
-Indices must lie in [0, N) and are not checked: under XLA an out-of-range
-index is clamped by the gather and dropped by the scatter, silently.
+Indices must lie in [0, N). Eagerly and in a plain `tf.function` an index
+outside is an `InvalidArgumentError` naming the position, the index and N,
+raised before anything is written (`check_indices`, run before the compiled
+exchange). Under an enclosing `jit_compile=True` no op can raise at run time
+(XLA ignores `Assert`), so the compiled exchange itself guards them: such a
+position writes nothing (its scatter index is moved to N, which XLA's scatter
+skips) and returns a NaN row with `seen = True`, so that the target and the
+loss turn NaN instead of training silently on a clamped row. The C++ op
+(`kernels/custom_op.py`) behaves the same way.
 
-Design notes for later (not implemented)
-----------------------------------------
-* A C++ custom op (gather, average duplicates, mix, scatter in one kernel) will
-  slot in behind this same Python signature; `_exchange` is its specification.
+Design notes
+------------
+* The C++ custom op (`kernels/custom_op.py`: gather, average duplicates, mix,
+  scatter in one kernel) has this same Python signature and writes the same
+  bits; `kernels.select(kernel_impl)` picks between the two.
 * A bank sharded across R replicas (each owning N / R rows) will reuse this
   function unchanged on each shard with local indices: after the all-gather of
   `(i, z)` each replica keeps the positions it owns, maps `i -> i - offset`
@@ -82,6 +91,7 @@ Design notes for later (not implemented)
 """
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # GraphOrParentsInXlaContext
 
 try:  # Keras 3 is optional for this module; it only adds keras.Variable support.
     import keras
@@ -95,7 +105,7 @@ except ImportError:  # pragma: no cover
         return False
 
 
-__all__ = ["history_exchange"]
+__all__ = ["history_exchange", "check_indices", "prepare_arguments"]
 
 
 def _as_tf_variable(var, name):
@@ -144,29 +154,37 @@ def _segment_mean(indices, values):
     return tf.gather(sums, seg) / tf.gather(counts, seg)[:, None]
 
 
-def _new_rows(old_rows, old_visits, indices, values, momentum):
-    """The arithmetic: (old rows as float32, seen, new rows, new counts).
+def _new_rows(old_rows, old_visits, indices, values, momentum, num_rows):
+    """The arithmetic: (old rows as float32, seen, new rows, new counts, the
+    scatter indices).
 
     The new rows and counts are computed FROM the gathered old ones; this data
     dependency is what lets XLA scatter in place (module docstring).
+    Out-of-range positions (only reachable under an enclosing jit, where
+    `check_indices` cannot raise) get a NaN row, `seen = True` and the
+    scatter index N, which XLA's scatter skips.
     """
     old32 = tf.cast(old_rows, tf.float32)
+    valid = (indices >= 0) & (indices < num_rows)
     seen = old_visits > 0
     mean = _segment_mean(indices, values)
     new32 = tf.where(seen[:, None], momentum * old32 + (1.0 - momentum) * mean, mean)
-    return old32, seen, tf.cast(new32, old_rows.dtype), old_visits + 1
+    old32 = tf.where(valid[:, None], old32, tf.constant(float("nan"), tf.float32))
+    targets = tf.where(valid, indices, num_rows)
+    return (old32, seen | ~valid, tf.cast(new32, old_rows.dtype), old_visits + 1,
+            targets)
 
 
 def _exchange_ops(bank, visits, indices, values, momentum, new_rows_fn):
     old_rows = tf.gather(bank, indices)  # ResourceGather: B rows, storage dtype.
     old_visits = tf.gather(visits, indices)
-    old32, seen, new_rows, new_visits = new_rows_fn(
-        old_rows, old_visits, indices, values, momentum
+    old32, seen, new_rows, new_visits, targets = new_rows_fn(
+        old_rows, old_visits, indices, values, momentum, bank.shape[0]
     )
     # In-place scatters; duplicate positions carry identical rows and counts,
     # so the order in which the scatter applies them cannot matter.
-    bank.scatter_update(tf.IndexedSlices(new_rows, indices))
-    visits.scatter_update(tf.IndexedSlices(new_visits, indices))
+    bank.scatter_update(tf.IndexedSlices(new_rows, targets))
+    visits.scatter_update(tf.IndexedSlices(new_visits, targets))
     return old32, seen
 
 
@@ -181,6 +199,7 @@ def _exchange(bank, visits, indices, values, momentum):
 _new_rows_xla = tf.function(
     _new_rows, jit_compile=True, autograph=False, reduce_retracing=True
 )
+# (num_rows is a Python int: one trace per bank size, like the variables.)
 
 
 @tf.function(autograph=False)
@@ -205,6 +224,67 @@ def _pick_exchange(bank):
     return _exchange
 
 
+def in_xla_context():
+    """Whether ops built now will be compiled by an enclosing XLA function."""
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def check_indices(indices, num_rows, name="history_exchange"):
+    """An InvalidArgumentError naming the first index outside [0, num_rows).
+
+    Eagerly it raises here; in a graph it returns an Assert op to run before
+    the exchange; under an enclosing XLA compilation it returns None (XLA
+    cannot raise: the exchange guards out-of-range positions itself).
+    """
+    if tf.executing_eagerly():
+        values = indices.numpy()
+        bad = ((values < 0) | (values >= num_rows)).nonzero()[0]
+        if len(bad):
+            k = int(bad[0])
+            raise tf.errors.InvalidArgumentError(
+                None, None,
+                f"{name}: indices[{k}] = {int(values[k])} is not in [0, {num_rows}): "
+                f"the history bank has N = {num_rows} rows")
+        return None
+    if in_xla_context():
+        return None
+    batch = tf.size(indices, out_type=tf.int64)
+    bad = tf.where((indices < 0) | (indices >= num_rows))[:, 0]
+    first = tf.reduce_min(tf.concat([bad, batch[None]], 0))  # B when none is bad.
+    message = tf.strings.format(
+        name + ": indices[{}] = {} is not in [0, " + str(num_rows)
+        + "): the history bank has N = " + str(num_rows) + " rows",
+        (first, tf.gather(tf.concat([indices, [-1]], 0), first)))
+    return tf.debugging.Assert(tf.size(bad) == 0, [message], name="check_indices")
+
+
+def prepare_arguments(bank, visits, indices, values, momentum, name="history_exchange"):
+    """Resolve the variables and normalise the arguments (both implementations)."""
+    bank = _as_tf_variable(bank, "bank")
+    visits = _as_tf_variable(visits, "visits")
+    if bank.shape.rank != 2 or not bank.dtype.is_floating:
+        raise ValueError(
+            f"{name}: bank must be a float (N, d) variable; got "
+            f"{bank.dtype.name} {bank.shape}"
+        )
+    if visits.dtype != tf.int32 or visits.shape.rank != 1:
+        raise ValueError(
+            f"{name}: visits must be an int32 (N,) variable; got "
+            f"{visits.dtype.name} {visits.shape}"
+        )
+    indices = tf.cast(tf.convert_to_tensor(indices), tf.int32)
+    values = tf.cast(tf.stop_gradient(tf.convert_to_tensor(values)), tf.float32)
+    momentum = tf.cast(tf.convert_to_tensor(momentum), tf.float32)
+    indices.shape.assert_has_rank(1)
+    values.shape.assert_is_compatible_with(
+        tf.TensorShape([indices.shape[0], bank.shape[1]])
+    )
+    momentum.shape.assert_has_rank(0)
+    return bank, visits, indices, values, momentum
+
+
 def history_exchange(bank, visits, indices, values, momentum=0.0):
     """Return the rows `bank[indices]` before updating them with `values`.
 
@@ -220,29 +300,19 @@ def history_exchange(bank, visits, indices, values, momentum=0.0):
         duplicate position gets the same pre-update row).
       seen: bool (B,), whether each row had been written before this call.
 
+    Raises:
+      tf.errors.InvalidArgumentError: an index outside [0, N), before any
+        write (eagerly, or when the graph runs); under an enclosing XLA
+        compilation that position returns NaN and `seen = True` instead and
+        writes nothing (module docstring).
+
     Works eagerly, inside `tf.function` and inside
     `tf.function(jit_compile=True)`; the work is one XLA-compiled function
     that updates the variables in place (for a low-precision bank on CPU, the
     arithmetic is XLA-compiled and the gather and scatter are TF's kernels).
     """
-    bank = _as_tf_variable(bank, "bank")
-    visits = _as_tf_variable(visits, "visits")
-    if bank.shape.rank != 2 or not bank.dtype.is_floating:
-        raise ValueError(
-            f"history_exchange: bank must be a float (N, d) variable; got "
-            f"{bank.dtype.name} {bank.shape}"
-        )
-    if visits.dtype != tf.int32 or visits.shape.rank != 1:
-        raise ValueError(
-            f"history_exchange: visits must be an int32 (N,) variable; got "
-            f"{visits.dtype.name} {visits.shape}"
-        )
-    indices = tf.cast(tf.convert_to_tensor(indices), tf.int32)
-    values = tf.cast(tf.stop_gradient(tf.convert_to_tensor(values)), tf.float32)
-    momentum = tf.cast(tf.convert_to_tensor(momentum), tf.float32)
-    indices.shape.assert_has_rank(1)
-    values.shape.assert_is_compatible_with(
-        tf.TensorShape([indices.shape[0], bank.shape[1]])
-    )
-    momentum.shape.assert_has_rank(0)
-    return _pick_exchange(bank)(bank, visits, indices, values, momentum)
+    bank, visits, indices, values, momentum = prepare_arguments(
+        bank, visits, indices, values, momentum)
+    check = check_indices(indices, bank.shape[0])
+    with tf.control_dependencies([check] if check is not None else []):
+        return _pick_exchange(bank)(bank, visits, indices, values, momentum)

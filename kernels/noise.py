@@ -15,7 +15,8 @@ an always-compiled draw would make noise the costliest perturbation on CPU.
 Under an enclosing `jit_compile=True` step the draw is compiled with it. TF
 quirk: for the same seed XLA's stateless normal and TF's kernel draw
 DIFFERENT numbers, so `eps` is reproducible per seed within one mode (eager
-and `tf.function` agree; jit differs). The arithmetic is float32 whatever
+and `tf.function` agree; jit differs). The C++ op (`kernels.custom_op`) draws
+the eager stream in every mode, under jit with its own Philox lowering. The arithmetic is float32 whatever
 `x`'s dtype; the result has `x`'s dtype.
 """
 

@@ -56,6 +56,11 @@ class SimCLICConfig:
         "0.1 is Keras 0.9; Keras's own 0.99 warms up too slowly for short runs)",
         range=(0.0, 0.9999),
     )
+    kernel_impl: str = knob(
+        "auto", "history and noise kernels: the C++ custom ops (custom_op, compiled on "
+        "first use), the TensorFlow functions (tf), or auto (the custom ops where they "
+        "build, else tf)", choices=("auto", "custom_op", "tf")
+    )
     proj_dim: int = knob(2048, "projector hidden and output size", range=(8, 65536))
     pred_hidden: int = knob(512, "predictor bottleneck size", range=(8, 65536))
     predictor: str = knob("mlp2", "predictor h", choices=PREDICTORS)

@@ -20,15 +20,21 @@ class Perturbation(keras.layers.Layer):
     default_strength = None
     strength_range = None
 
-    def __init__(self, strength=None, seed=None, **kwargs):
+    def __init__(self, strength=None, seed=None, kernel_impl="auto", **kwargs):
         super().__init__(**kwargs)
         self.strength = self.default_strength if strength is None else float(strength)
         self.seed = seed
+        self.kernel_impl = kernel_impl
+
+    @property
+    def kernels(self):
+        """The kernel implementation `kernels.select(kernel_impl)` picks (first use)."""
+        return kernels.select(self.kernel_impl)
 
     @classmethod
     def from_run_config(cls, config, num_samples):
         """Builds the layer from the run's SimCLICConfig."""
-        return cls(strength=config.strength, seed=config.seed)
+        return cls(strength=config.strength, seed=config.seed, kernel_impl=config.kernel_impl)
 
     def call(self, zs, indices, training=False):
         return tuple(self.perturb(z, training) for z in zs)
@@ -37,7 +43,8 @@ class Perturbation(keras.layers.Layer):
         raise NotImplementedError
 
     def get_config(self):
-        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
+        return {**super().get_config(), "strength": self.strength, "seed": self.seed,
+                "kernel_impl": self.kernel_impl}
 
 
 @PERTURBATIONS.register("none")
@@ -82,7 +89,7 @@ class NoisePerturbation(Perturbation):
         if not training:
             return z
         seed = ops.cast(self.seed_generator.next(), "int32")
-        return kernels.representation_noise(z, self.strength, seed)
+        return self.kernels.representation_noise(z, self.strength, seed)
 
 
 @PERTURBATIONS.register("history")
@@ -121,13 +128,13 @@ class HistoryPerturbation(Perturbation):
     def from_run_config(cls, config, num_samples):
         return cls(num_samples, config.proj_dim, strength=config.strength,
                    momentum=config.history_momentum, bank_dtype=config.bank_dtype,
-                   seed=config.seed)
+                   seed=config.seed, kernel_impl=config.kernel_impl)
 
     def call(self, zs, indices, training=False):
         indices = ops.cast(indices, "int32")
         if training:
             new_rows = ops.stop_gradient(sum(ops.cast(z, "float32") for z in zs) / len(zs))
-            old_rows, seen = kernels.history_exchange(
+            old_rows, seen = self.kernels.history_exchange(
                 self.bank, self.visits, indices, new_rows, self.momentum)
         else:
             old_rows = ops.cast(ops.take(self.bank, indices, axis=0), "float32")
