@@ -20,6 +20,7 @@ setup(
         "keras-tuner>=1.4.7,<2",
         "tensorboard>=2.21,<2.22",
         "scikit-learn>=1.5,<2",
+        "matplotlib>=3.8,<4",  # the report's PNG pictures
         "numpy>=1.26",
     ],
     extras_require={

@@ -9,34 +9,44 @@ import typing
 from simclic_tf.config import SimCLICConfig, flag
 
 
-def _value_type(field):
-    """int for `int` and `Optional[int]`, and so on."""
+_FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
+
+
+def value_type(field):
+    """The flag's value type: int for `int` and `Optional[int]`, and so on."""
     if typing.get_origin(field.type) is typing.Union:
         return next(t for t in typing.get_args(field.type) if t is not type(None))
     return field.type
 
 
+def add_config_flag(parser, name, default=None):
+    """The flag of config field `name` (`--batch-size`, `--stop-gradient/
+    --no-stop-gradient`, ...), with the field's help, type and choices."""
+    field = _FIELDS[name]
+    kind = value_type(field)
+    default_text = f" (default: {field.default})"
+    choices = field.metadata["choices"]
+    if kind is bool:
+        parser.add_argument(flag(name), action=argparse.BooleanOptionalAction,
+                            default=default, help=field.metadata["help"] + default_text)
+    else:
+        parser.add_argument(
+            flag(name), type=kind, default=default, metavar=name.upper(),
+            help=field.metadata["help"] + default_text
+            + (f"; one of: {', '.join(map(str, choice_names(choices)))}" if choices else ""))
+
+
 def add_config_flags(parser):
-    """One flag per config field: `--batch-size`, `--stop-gradient/--no-stop-gradient`, ...
-    Defaults are None so that only the flags given on the command line
-    override a `--config` file."""
-    for field in dataclasses.fields(SimCLICConfig):
-        kind = _value_type(field)
-        default_text = f" (default: {field.default})"
-        choices = field.metadata["choices"]
-        if kind is bool:
-            parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction,
-                                default=None, help=field.metadata["help"] + default_text)
-        else:
-            parser.add_argument(
-                flag(field.name), type=kind, default=None, metavar=field.name.upper(),
-                help=field.metadata["help"] + default_text
-                + (f"; one of: {', '.join(map(str, _names(choices)))}" if choices else ""))
+    """One flag per config field, and `--config`. Defaults are None so that
+    only the flags given on the command line override a `--config` file."""
+    for name in _FIELDS:
+        add_config_flag(parser, name)
     parser.add_argument("--config", help="JSON config file; flags given override it")
     return parser
 
 
-def _names(choices):
+def choice_names(choices):
+    """The accepted values of a field's `choices`: a tuple, or a Registry's names."""
     return choices.names() if hasattr(choices, "names") else choices
 
 

@@ -56,11 +56,8 @@ class SimCLICConfig:
         "0.1 is Keras 0.9; Keras's own 0.99 warms up too slowly for short runs)",
         range=(0.0, 0.9999),
     )
-    kernel_impl: str = knob(
-        "auto", "history and noise kernels: the C++ custom ops (custom_op, compiled on "
-        "first use), the TensorFlow functions (tf), or auto (the custom ops where they "
-        "build, else tf)", choices=("auto", "custom_op", "tf")
-    )
+    zero_init_residual: bool = knob(
+        False, "start each residual block as the identity (its last BatchNorm scale 0)")
     proj_dim: int = knob(2048, "projector hidden and output size", range=(8, 65536))
     pred_hidden: int = knob(512, "predictor bottleneck size", range=(8, 65536))
     predictor: str = knob("mlp2", "predictor h", choices=PREDICTORS)
@@ -77,6 +74,11 @@ class SimCLICConfig:
     )
     bank_dtype: str = knob(
         "float32", "storage dtype of the history buffer", choices=("float32", "bfloat16")
+    )
+    kernel_impl: str = knob(
+        "auto", "history and noise kernels: the C++ custom ops (custom_op, compiled on "
+        "first use), the TensorFlow functions (tf), or auto (the custom ops where they "
+        "build, else tf)", choices=("auto", "custom_op", "tf")
     )
     views: int = knob(2, "augmented views per image", choices=(1, 2))
     perturb: str = knob(
@@ -95,12 +97,27 @@ class SimCLICConfig:
         range=(0.0, 1.0),
     )
     warmup_epochs: int = knob(0, "linear learning-rate warm-up epochs", range=(0, 100000))
+    pred_lr_scale: float = knob(
+        1.0, "predictor learning rate as a multiple of the encoder's", range=(0.0, 1000.0))
+    fix_pred_lr: bool = knob(
+        False, "hold the predictor's learning rate at its peak while the encoder's "
+        "decays (SimSiam's setting)")
     # Evaluation.
     knn_k: int = knob(200, "neighbours in the weighted kNN", range=(1, 100000))
     knn_t: float = knob(0.1, "temperature of the weighted kNN", range=(1e-4, 100.0))
     knn_every: int = knob(1, "kNN monitor every N epochs (0: off)", range=(0, 100000))
+    online_probe: bool = knob(
+        False, "train a linear classifier on stop-gradient features during pretraining "
+        "(needs labels; reported apart from the offline linear evaluation)")
+    online_probe_lr: float = knob(
+        0.1, "the online probe's fixed learning rate (no weight decay)", range=(0.0, 100.0))
     linear_epochs: int = knob(
         100, "epochs of the linear classifier on frozen features (0: skip)",
+        range=(0, 100000),
+    )
+    finetune_epochs: int = knob(
+        0, "epochs of fine-tuning the whole encoder plus a linear head with labels, "
+        "backbone at 0.1 x the head's learning rate (0: skip)",
         range=(0, 100000),
     )
     # Run.

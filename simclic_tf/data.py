@@ -65,6 +65,13 @@ class ImageSet:
         labels = None if self.labels is None else self.labels[indices]
         return ImageSet(self.images[indices], labels, self.class_names)
 
+    def stratified_split(self, fraction, seed):
+        """(rest, held-out `fraction`), stratified by label and seeded, rows kept
+        in order. Raises scikit-learn's ValueError when a class is too small."""
+        rest, held_out = train_test_split(np.arange(len(self)), test_size=fraction,
+                                          random_state=seed, stratify=self.labels)
+        return self.subset(np.sort(rest)), self.subset(np.sort(held_out))
+
 
 class DataSource:
     """One way of naming a dataset; a new one is a subclass registered in DATA_SOURCES.
@@ -336,8 +343,9 @@ def load_train_and_eval(config):
     return train, evaluation
 
 
-def pretrain_dataset(images, batch_size, views, augment, seed=None):
-    """Batches `(views, indices)` for pretraining, reshuffled every epoch.
+def pretrain_dataset(images, batch_size, views, augment, seed=None, labels=None):
+    """Batches `(views, indices)` for pretraining, reshuffled every epoch, or
+    `(views, indices, labels)` when `labels` are given (for the online probe).
 
     `views` is a tuple of `views` (1 or 2) float32 batches (B, H, W, C) in [0, 1],
     each an independent draw of `augment` on the same images; `indices` (B,)
@@ -354,10 +362,12 @@ def pretrain_dataset(images, batch_size, views, augment, seed=None):
     if views not in (1, 2):
         raise ValueError(f"{flag('views')} {views} is not accepted; choose 1 or 2")
     pixels = tf.convert_to_tensor(images)
+    label_table = None if labels is None else tf.convert_to_tensor(labels, tf.int32)
 
     def make_views(indices):
         batch = tf.cast(tf.gather(pixels, indices), tf.float32) / 255.0
-        return tuple(augment(batch) for _ in range(views)), tf.cast(indices, tf.int32)
+        element = (tuple(augment(batch) for _ in range(views)), tf.cast(indices, tf.int32))
+        return element if label_table is None else element + (tf.gather(label_table, indices),)
 
     return (
         # Shuffling row indices, not images, keeps the shuffle buffer small.
@@ -414,16 +424,13 @@ def _hold_out(data, config):
             "labelled tensorflow-datasets name"
         )
     try:
-        rest, held_out = train_test_split(
-            np.arange(len(data)), test_size=config.test_fraction,
-            random_state=config.seed, stratify=data.labels)
+        return data.stratified_split(config.test_fraction, config.seed)
     except ValueError as error:
         raise DataError(
             f"{flag('test_fraction')} {config.test_fraction} cannot hold out a stratified "
             f"set of {config.dataset!r} ({len(data)} images, {data.num_classes} classes): "
             f"{error}; change {flag('test_fraction')} or pass {flag('eval_dataset')}"
         ) from None
-    return data.subset(np.sort(rest)), data.subset(np.sort(held_out))
 
 
 def _size(image_size):

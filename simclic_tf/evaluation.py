@@ -9,11 +9,18 @@ from keras import ops
 from sklearn.model_selection import train_test_split
 
 from simclic_tf.data import eval_dataset
+from simclic_tf.finetune import finetune_accuracy
 
 
 def extract_features(backbone, images, batch_size=256):
     """Backbone features of uint8 images (N, H, W, C), in inference mode."""
     return backbone.predict(eval_dataset(images, batch_size), verbose=0).astype("float32")
+
+
+def online_probe_accuracy(model, images, labels):
+    """Test accuracy of a SimCLIC model's online probe (see `online_probe`)."""
+    logits = model.probe(extract_features(model.backbone, images))
+    return float(np.mean(ops.convert_to_numpy(ops.argmax(logits, -1)) == labels))
 
 
 def knn_predict(train_features, train_labels, query_features, num_classes,
@@ -78,9 +85,10 @@ def labelled_memory(train_set, test_set, seed=0):
 
 
 def evaluate_backbone(backbone, memory, queries, config):
-    """kNN and linear accuracy of a backbone on the labelled `queries`, with
-    `memory` as the kNN memory and the linear classifier's training data
-    (see labelled_memory)."""
+    """kNN, linear and (with `config.finetune_epochs`) fine-tuned accuracy of a
+    backbone on the labelled `queries`, with `memory` as the kNN memory and the
+    linear classifier's and fine-tuning's training data (see labelled_memory).
+    Fine-tuning works on a copy: `backbone` is left unchanged."""
     memory_features = extract_features(backbone, memory.images)
     query_features = extract_features(backbone, queries.images)
     num_classes = memory.num_classes
@@ -91,4 +99,7 @@ def evaluate_backbone(backbone, memory, queries, config):
         results["linear_accuracy"] = linear_accuracy(
             memory_features, memory.labels, query_features, queries.labels, num_classes,
             epochs=config.linear_epochs, seed=config.seed)
+    if config.finetune_epochs:
+        results["finetune_accuracy"] = finetune_accuracy(
+            backbone, memory, queries, config.finetune_epochs, seed=config.seed)
     return results

@@ -6,14 +6,20 @@ the same images, and the images' stable dataset indices (the history buffer
 is keyed by them).
 """
 
+import collections
+
 import keras
 import tensorflow as tf
 from keras import ops
 
 from simclic_tf.backbones import build_backbone
-from simclic_tf.config import SimCLICConfig
+from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.heads import build_projector
 from simclic_tf.registry import LOSSES, PERTURBATIONS, PREDICTORS
+
+
+Objective = collections.namedtuple("Objective", ["loss", "z", "features"])
+Objective.__doc__ = "The SimCLIC loss, the first view's z and its backbone features."
 
 
 def collapse_std(z):
@@ -31,17 +37,23 @@ class SimCLIC(keras.Model):
       config: a `SimCLICConfig` (or its dict), the single source of knobs.
       image_shape: (height, width, channels) of the input images.
       num_samples: dataset size N, the number of history buffer rows.
+      num_classes: label count, needed by `config.online_probe` only.
+
+    With `online_probe`, the data are `(views, indices, labels)` and a linear
+    classifier learns from the first view's backbone features behind a
+    stop-gradient: it watches the encoder without steering it.
     """
 
-    def __init__(self, config, image_shape, num_samples, **kwargs):
+    def __init__(self, config, image_shape, num_samples, num_classes=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = SimCLICConfig.from_dict(config)
         self.config = config
         self.image_shape = tuple(image_shape)
         self.num_samples = int(num_samples)
+        self.num_classes = num_classes
         self.backbone = build_backbone(config.backbone, self.image_shape, config.width,
-                                       config.bn_momentum)
+                                       config.bn_momentum, config.zero_init_residual)
         self.projector = build_projector(self.backbone.output.shape[-1], config.proj_dim,
                                          config.bn_momentum)
         self.predictor = PREDICTORS.get(config.predictor)(config.proj_dim, config.pred_hidden)
@@ -50,6 +62,15 @@ class SimCLIC(keras.Model):
         self.distance = LOSSES.get(config.loss)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
+        self.probe = None
+        if config.online_probe:
+            if not num_classes:
+                raise ConfigError(f"{flag('online_probe')} needs labels; the training "
+                                  "set has none (pass a labelled --dataset)")
+            self.probe = keras.layers.Dense(num_classes, name="online_probe")
+            self.probe.build((None, self.backbone.output.shape[-1]))
+            self.probe_accuracy = keras.metrics.SparseCategoricalAccuracy(
+                name="online_probe_accuracy")
         self.built = True
 
     def call(self, images, training=False):
@@ -67,7 +88,8 @@ class SimCLIC(keras.Model):
         D(p, sg(t)). `perturb="online"` moves P before the predictor and
         takes the unperturbed z as the target.
         """
-        zs = tuple(self.encode(view, training=training) for view in views)
+        features = [self.backbone(view, training=training) for view in views]
+        zs = tuple(self.projector(f, training=training) for f in features)
         perturbed = self.perturbation(zs, indices, training=training)
         online, targets = (zs, perturbed) if self.config.perturb == "target" else (perturbed, zs)
         predictions = [self.predictor(z, training=training) for z in online]
@@ -78,38 +100,80 @@ class SimCLIC(keras.Model):
         else:
             loss = (self.distance(predictions[0], targets[1])
                     + self.distance(predictions[1], targets[0])) / 2
-        return loss, zs[0]
+        return Objective(loss, zs[0], features[0])
+
+    def _probe_loss(self, features, labels):
+        """The online probe's cross-entropy on stop-gradient features (0 without a probe)."""
+        if self.probe is None:
+            return 0.0
+        logits = self.probe(ops.stop_gradient(features))
+        self.probe_accuracy.update_state(labels, logits)
+        return ops.mean(keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=True))
 
     def train_step(self, data):
-        views, indices = data
+        views, indices, *labels = data
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            loss, z = self.compute_objective(views, indices, training=True)
-        gradients = tape.gradient(loss, variables)
-        # L2 on every weight added to the gradient, as PyTorch SGD's weight_decay
-        # (Keras optimizers' own weight_decay is decoupled, a different recipe).
-        decay = self.config.weight_decay
-        gradients = [g + decay * ops.cast(v, g.dtype) for g, v in zip(gradients, variables)]
-        self.optimizer.apply_gradients(zip(gradients, variables))
+            loss, z, features = self.compute_objective(views, indices, training=True)
+            total = loss + (self._probe_loss(features, labels[0]) if labels else 0.0)
+        gradients = tape.gradient(total, variables)
+        self.optimizer.apply_gradients(zip(self._sgd_gradients(gradients, variables), variables))
         return self._update_metrics(loss, z)
 
+    def _sgd_gradients(self, gradients, variables):
+        """Weight decay and per-layer learning rates, folded into the gradients.
+
+        L2 decay is added to the gradient as PyTorch SGD's weight_decay does
+        (Keras optimizers' own is decoupled, a different recipe). With SGD's
+        v = m v - lr g, scaling a gradient by c is exactly a learning rate of
+        c lr for that weight, as a PyTorch parameter group. The predictor runs
+        at `pred_lr_scale` times the encoder's rate (times the peak rate if
+        `fix_pred_lr`); the online probe at `online_probe_lr`, without decay.
+        """
+        current = ops.cast(self.optimizer.learning_rate, "float32")
+
+        def factor_for(rate):
+            # At a warm-up's lr of 0 no weight moves, whatever the factor.
+            return ops.where(current > 0, rate / ops.maximum(current, 1e-30), 0.0)
+
+        config = self.config
+        predictor_factor = (factor_for(config.pred_lr_scale * config.learning_rate)
+                            if config.fix_pred_lr else config.pred_lr_scale)
+        factors = {v.path: predictor_factor for v in self.predictor.trainable_variables}
+        no_decay = set()
+        if self.probe is not None:
+            probe_factor = factor_for(config.online_probe_lr)
+            factors.update({v.path: probe_factor for v in self.probe.trainable_variables})
+            no_decay = {v.path for v in self.probe.trainable_variables}
+        scaled = []
+        for g, v in zip(gradients, variables):
+            if v.path not in no_decay:
+                g = g + config.weight_decay * ops.cast(v, g.dtype)
+            scaled.append(g * ops.cast(factors[v.path], g.dtype) if v.path in factors else g)
+        return scaled
+
     def test_step(self, data):
-        views, indices = data
-        loss, z = self.compute_objective(views, indices, training=False)
+        views, indices, *labels = data
+        loss, z, features = self.compute_objective(views, indices, training=False)
+        if labels:
+            self._probe_loss(features, labels[0])
         return self._update_metrics(loss, z)
 
     def _update_metrics(self, loss, z):
         self.loss_tracker.update_state(loss)
         self.z_std_tracker.update_state(collapse_std(z))
-        return {"loss": self.loss_tracker.result(), "z_std": self.z_std_tracker.result()}
+        return {metric.name: metric.result() for metric in self.metrics}
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.z_std_tracker]
+        probe = [self.probe_accuracy] if self.probe is not None else []
+        return [self.loss_tracker, self.z_std_tracker] + probe
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(),
-                "image_shape": list(self.image_shape), "num_samples": self.num_samples}
+                "image_shape": list(self.image_shape), "num_samples": self.num_samples,
+                "num_classes": self.num_classes}
 
 
 def build_optimizer(config, steps_per_epoch):

@@ -5,7 +5,8 @@ import json
 import os
 
 METRICS = (("knn_accuracy", "kNN (k={knn_k}, t={knn_t}) error %"),
-           ("linear_accuracy", "linear error %"))
+           ("linear_accuracy", "linear error %"),
+           ("finetune_accuracy", "fine-tuned error %"))
 
 
 def error_percent(accuracy):
@@ -26,6 +27,10 @@ def markdown(report):
         cells = [f"{error_percent(report[key][metric]):.2f}" for metric, _ in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     collapsed = report["collapsed_at_epoch"]
+    if "online_probe_accuracy" in report:
+        lines += ["", "Online linear probe (trained during pretraining on augmented views, "
+                  "apart from the offline linear evaluation above): test error "
+                  f"{error_percent(report['online_probe_accuracy']):.2f} %"]
     lines += [
         "",
         f"- final loss {report['final_loss']:.4f}, final z_std {report['final_z_std']:.4f} "
@@ -34,6 +39,11 @@ def markdown(report):
         f"- data: {report['data']['train_images']} training and {report['data']['test_images']}"
         f" test images of shape {report['data']['image_shape']}",
         f"- pretraining wall time {report['train_seconds']:.0f} s",
+    ]
+    if report.get("pictures"):
+        lines += ["", "## Pictures", ""] + [
+            f"![{title}]({name})" for title, name in report["pictures"].items()]
+    lines += [
         "",
         "## Settings",
         "",

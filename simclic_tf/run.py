@@ -1,5 +1,6 @@
-"""A whole SimCLIC job: pretrain, evaluate (kNN and linear, against the same
-encoder at random initialisation), export and report, in one run directory:
+"""A whole SimCLIC job: pretrain, evaluate (kNN, linear and, with
+--finetune-epochs, fine-tuned, against the same encoder at random
+initialisation), export and report, in one run directory:
 
     run_dir/config.json     the knobs, read back by --resume
     run_dir/logs/           TensorBoard
@@ -8,17 +9,20 @@ encoder at random initialisation), export and report, in one run directory:
     run_dir/model.keras     the full SimCLIC model (history buffer included)
     run_dir/encoder.keras   the backbone alone, for downstream use
     run_dir/report.json, report.md
+    run_dir/*.png           training curves, augmented views, embedding map
 """
 
 import os
 import time
 
 import keras
+import tensorflow as tf
 
-from simclic_tf import augment, data
+from simclic_tf import augment, data, plots
 from simclic_tf.callbacks import CollapseMonitor, KNNMonitor, ResumableCSVLogger
 from simclic_tf.config import ConfigError, SimCLICConfig
-from simclic_tf.evaluation import evaluate_backbone, labelled_memory
+from simclic_tf.evaluation import (evaluate_backbone, extract_features, labelled_memory,
+                                   online_probe_accuracy)
 from simclic_tf.model import SimCLIC, build_optimizer
 from simclic_tf.report import write_report
 
@@ -45,9 +49,29 @@ def prepare_run_dir(config, resume):
 def build_model(config, train_set):
     """A compiled SimCLIC model for this config and training set."""
     steps_per_epoch = len(train_set) // config.batch_size
-    model = SimCLIC(config, train_set.images.shape[1:], len(train_set))
+    num_classes = train_set.num_classes if train_set.labels is not None else None
+    model = SimCLIC(config, train_set.images.shape[1:], len(train_set), num_classes)
     model.compile(optimizer=build_optimizer(config, steps_per_epoch))
     return model
+
+
+def draw_views(train_set, augmentation, run_dir):
+    """Pairs of augmented views, as views.png and a TensorBoard image."""
+    grid = plots.view_pairs(train_set.images, augmentation)
+    plots.save_image(grid, os.path.join(run_dir, "views.png"))
+    with tf.summary.create_file_writer(os.path.join(run_dir, "logs", "train")).as_default():
+        tf.summary.image("augmented_views", grid[None], step=0)
+
+
+def draw_results(model, queries, run_dir):
+    """The training curves and the embedding map; returns {title: file name}."""
+    pictures = {"training curves": "curves.png", "augmented views (image, view 1, view 2)":
+                "views.png", "embeddings of the evaluation images": "embeddings.png"}
+    plots.training_curves(os.path.join(run_dir, "history.csv"),
+                          os.path.join(run_dir, pictures["training curves"]))
+    plots.embedding_map(extract_features(model.backbone, queries.images), queries.labels,
+                        queries.class_names, os.path.join(run_dir, "embeddings.png"))
+    return pictures
 
 
 def run(config, resume=False):
@@ -58,10 +82,12 @@ def run(config, resume=False):
     augmentation = augment.build_augmentation(
         train_set.images.shape[1:3], train_set.images.shape[-1], seed=config.seed)
     pretrain_data = data.pretrain_dataset(
-        train_set.images, config.batch_size, config.views, augmentation, seed=config.seed)
+        train_set.images, config.batch_size, config.views, augmentation, seed=config.seed,
+        labels=train_set.labels if config.online_probe else None)
     model = build_model(config, train_set)
     memory, queries = labelled_memory(train_set, test_set, config.seed)
     random_init = evaluate_backbone(model.backbone, memory, queries, config)
+    draw_views(train_set, augmentation, config.run_dir)
 
     collapse = CollapseMonitor(config.proj_dim)
     callbacks = [collapse]
@@ -92,5 +118,9 @@ def run(config, resume=False):
         "collapsed_at_epoch": collapse.collapsed_at,
         "train_seconds": train_seconds,
     }
+    report["pictures"] = draw_results(model, queries, config.run_dir)
+    if model.probe is not None:
+        report["online_probe_accuracy"] = online_probe_accuracy(
+            model, test_set.images, test_set.labels)
     write_report(report, config.run_dir)
     return report

@@ -33,3 +33,14 @@ def test_bn_momentum_reaches_every_batchnorm():
     norms = [layer for layer in backbone.layers
              if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 20 and {layer.momentum for layer in norms} == {0.8}
+
+def test_zero_init_residual_starts_each_block_as_the_identity():
+    backbone = build_backbone("resnet18_cifar", (16, 16, 3), 4, zero_init_residual=True)
+    images = np.random.default_rng(0).random((2, 16, 16, 3), "float32")
+    outputs = keras.Model(backbone.input, [backbone.get_layer("stem_relu").output,
+                                           backbone.get_layer("stage1_block2_out").output])
+    stem, after_two_blocks = outputs(images, training=True)
+    np.testing.assert_array_equal(np.asarray(after_two_blocks), np.asarray(stem))
+    # Off by default: the residual branch then changes the features.
+    plain = build_backbone("resnet18_cifar", (16, 16, 3), 4)
+    assert float(np.asarray(plain.get_layer("stage1_block2_2_bn").gamma).min()) == 1.0

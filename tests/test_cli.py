@@ -48,12 +48,28 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert float(rows[-1]["knn_accuracy"]) == pytest.approx(report["pretrained"]["knn_accuracy"])
     assert {"epoch_loss", "epoch_z_std", "epoch_knn_accuracy"} <= tensorboard_tags(run_dir)
     assert not (run_dir / "backup").exists()  # removed once training completed
+    assert "augmented_views" in tensorboard_tags(run_dir)
+    markdown = (run_dir / "report.md").read_text()
+    for picture in ("curves.png", "views.png", "embeddings.png"):
+        assert f"]({picture})" in markdown
+        assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     encoder = keras.models.load_model(run_dir / "encoder.keras", safe_mode=True)
     assert encoder.output.shape[-1] == 16  # tiny_convnet width 4: 4 x 4 channels
     model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
     visits = ops.convert_to_numpy(model.perturbation.visits)
     assert visits.sum() == 2 * (1437 // 64) * 64  # every step wrote its batch
+
+
+def test_the_online_probe_is_logged_and_reported_apart(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--epochs", "3", "--online-probe", "--online-probe-lr", "1.0",
+                              "--linear-epochs", "0", "--run-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    # A 16-feature encoder, 66 steps on augmented views: well above chance (0.1).
+    assert report["online_probe_accuracy"] > 0.25
+    assert "Online linear probe" in (run_dir / "report.md").read_text()
+    assert "online_probe_accuracy" in read_history(run_dir)[-1]
 
 
 class Crash(Exception):

@@ -13,11 +13,11 @@ IMAGE_SHAPE = (8, 8, 1)
 BATCH = 16
 
 
-def tiny_model(num_samples=64, **changes):
+def tiny_model(num_samples=64, num_classes=3, **changes):
     config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=32, pred_hidden=8,
                            batch_size=BATCH, epochs=2, **changes)
     keras.utils.set_random_seed(0)
-    return SimCLIC(config, IMAGE_SHAPE, num_samples)
+    return SimCLIC(config, IMAGE_SHAPE, num_samples, num_classes)
 
 
 def batch(seed=0, views=2):
@@ -49,7 +49,7 @@ def test_target_branch_gradients_are_exactly_zero(perturbation, perturb):
         if perturbation == "history":  # a second visit, so the target reads the buffer
             model.compute_objective(views, indices, training=True)
         with tf.GradientTape() as tape:
-            loss, _ = model.compute_objective(views, indices, training=True)
+            loss = model.compute_objective(views, indices, training=True).loss
         return [g for g in tape.gradient(loss, variables) if g is not None]
 
     assert encoder_gradients(stop_gradient=True) == []
@@ -85,10 +85,51 @@ def test_perturbation_none_is_a_hand_written_simsiam_step():
         np.testing.assert_allclose(actual.numpy(), wanted, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale, fixed", [(0.0, False), (3.0, False), (1.0, True), (2.0, True)])
+def test_the_predictor_learning_rate(scale, fixed):
+    """One SGD step at a quarter of the peak learning rate: the encoder moves by
+    that rate, the predictor by `scale` times it, or `scale` times the peak if fixed."""
+    peak, current = 0.4, 0.1
+    model = tiny_model(perturbation="none", pred_lr_scale=scale, fix_pred_lr=fixed,
+                       base_lr=peak * 256 / BATCH, weight_decay=0.0)
+    model.compile(optimizer=keras.optimizers.SGD(current))
+    variables = model.trainable_variables
+    before = [v.numpy() for v in variables]
+    data = batch()
+    with tf.GradientTape() as tape:
+        loss = model.compute_objective(*data, training=True).loss
+    gradients = tape.gradient(loss, variables)
+    model.train_step(data)
+    predictor = {v.path for v in model.predictor.trainable_variables}
+    assert predictor
+    for v, b, g in zip(variables, before, gradients):
+        rate = (peak if fixed else current) * scale if v.path in predictor else current
+        np.testing.assert_allclose(v.numpy(), b - rate * g.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_online_probe_learns_without_steering_the_encoder():
+    labels = np.arange(BATCH, dtype="int32") % 3
+    with_probe = tiny_model(perturbation="none", online_probe=True)
+    without = tiny_model(perturbation="none")
+    with pytest.raises(ValueError, match="--online-probe needs labels"):
+        tiny_model(online_probe=True, num_classes=None)
+    for model in (with_probe, without):
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+    views, indices = batch()
+    probe_before = with_probe.probe.kernel.numpy()
+    logs = with_probe.train_step((views, indices, labels))
+    without.train_step((views, indices))
+    assert 0.0 <= float(logs["online_probe_accuracy"]) <= 1.0
+    assert np.abs(with_probe.probe.kernel.numpy() - probe_before).max() > 0
+    for a, b in zip(with_probe.backbone.weights + with_probe.predictor.weights,
+                    without.backbone.weights + without.predictor.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_views_one_uses_a_single_branch():
     model = tiny_model(perturbation="history", views=1)
     (x,), indices = batch(views=1)
-    loss, _ = model.compute_objective((x,), indices, training=True)
+    loss = model.compute_objective((x,), indices, training=True).loss
     # First visit: the target falls back to z, so the loss is D(h(z), z).
     z = model.encode(x, training=True)
     p = model.predictor(z, training=True)

@@ -1,0 +1,193 @@
+"""Fine-tuning evaluation (DESIGN.md section 2): the whole network, backbone
+and a new linear head, trained with labels; reports the test accuracy (the
+caller turns it into the error rate the paper reports).
+
+The recipe, SimSiam/BYOL-style but milder on a small budget:
+- a copy of the backbone (the one passed in is never modified) and a new
+  Dense head on its pooled features;
+- SGD with momentum 0.9, cosine decay, L2 weight decay added to the gradient
+  (as PyTorch's SGD, like pretraining);
+- the head at peak learning rate 0.1 (batch 128), the backbone at a lower
+  one, 0.1 x the head's by default;
+- augmentation on, milder than pretraining's: random resized crop with scale
+  0.5 to 1 and a horizontal flip, no colour jitter, grayscale or blur.
+
+The two learning rates: the `FineTuner.train_step` scales the backbone's
+gradients by `backbone_lr_scale`. With SGD (v <- m v - lr g; w <- w + v)
+that is exactly a learning rate of lr x scale for those weights, as a PyTorch
+parameter group, with one optimizer, one schedule and one step counter
+(two optimizers would double both for no gain). Adam-like optimizers
+normalise the gradient's scale away, so `FineTuner` accepts SGD only.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from simclic_tf.augment import RandomResizedCrop, parallel_safe
+from simclic_tf.data import AUTOTUNE, eval_dataset
+
+CROP_SCALE = (0.5, 1.0)  # milder than pretraining's (0.2, 1.0)
+
+
+@keras.saving.register_keras_serializable("simclic_tf")
+class FineTuner(keras.Model):
+    """`backbone` then a Dense head to `num_classes` logits, trained end to end
+    with the backbone's learning rate `backbone_lr_scale` times the head's.
+
+    Args:
+      backbone: a Keras model from images to pooled features; trained in place,
+        so pass a copy if the original must stay as it is (`finetune` does).
+      num_classes: size of the head.
+      backbone_lr_scale: the backbone's learning rate over the head's.
+      weight_decay: L2 coefficient added to every trainable weight's gradient.
+      seed: initialiser seed of the head.
+    """
+
+    def __init__(self, backbone, num_classes, backbone_lr_scale=0.1, weight_decay=5e-4,
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.backbone_lr_scale = float(backbone_lr_scale)
+        self.weight_decay = float(weight_decay)
+        self.head = keras.layers.Dense(
+            self.num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed),
+            name="head")
+        self.head.build((None, backbone.output.shape[-1]))
+        self.built = True
+
+    def call(self, images, training=False):
+        """Class logits."""
+        return self.head(self.backbone(images, training=training))
+
+    def compile(self, optimizer="sgd", **kwargs):
+        optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, keras.optimizers.SGD):
+            raise ValueError(
+                f"FineTuner needs an SGD optimizer, not {type(optimizer).__name__}: its "
+                "backbone learning rate is applied by scaling gradients, which "
+                "Adam-like optimizers normalise away")
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def train_step(self, data):
+        images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self(images, training=True)
+            loss = self.compute_loss(x=images, y=labels, y_pred=logits,
+                                     sample_weight=sample_weight, training=True)
+        gradients = tape.gradient(loss, variables)
+        in_backbone = {id(v) for v in self.backbone.trainable_variables}
+        scaled = []
+        for gradient, variable in zip(gradients, variables):
+            # L2 as PyTorch SGD's weight_decay, then the group's learning-rate factor.
+            gradient = gradient + self.weight_decay * ops.cast(variable, gradient.dtype)
+            if id(variable) in in_backbone:
+                gradient = gradient * self.backbone_lr_scale
+            scaled.append(gradient)
+        self.optimizer.apply_gradients(zip(scaled, variables))
+        return self.compute_metrics(images, labels, logits, sample_weight)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "num_classes": self.num_classes,
+            "backbone_lr_scale": self.backbone_lr_scale,
+            "weight_decay": self.weight_decay,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
+def copy_model(model):
+    """A copy of a Keras model with its own variables and the same weights
+    (BatchNorm statistics included)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def finetune_augmentation(image_size, crop_scale=CROP_SCALE, flip=True, seed=None):
+    """Random resized crop (area `crop_scale`) and, if `flip`, a horizontal flip,
+    for float32 batches in [0, 1]: milder than the pretraining augmentation."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    layers = [RandomResizedCrop(height, width, scale=crop_scale, seed=seed, dtype="float32")]
+    if flip:
+        layers.append(parallel_safe(keras.layers.RandomFlip(
+            "horizontal", seed=None if seed is None else seed + 1, dtype="float32")))
+    return keras.Sequential(layers, name="finetune_augmentation")
+
+
+def labelled_batches(images, labels, batch_size, augment=None, seed=None):
+    """Shuffled whole batches `(float32 images in [0, 1], labels)`, augmented
+    batch-wise in a parallel map when `augment` is given."""
+    pixels = tf.convert_to_tensor(images)
+    targets = tf.convert_to_tensor(np.asarray(labels, np.int64))
+
+    def gather(indices):
+        batch = tf.cast(tf.gather(pixels, indices), tf.float32) / 255.0
+        if augment is not None:
+            batch = augment(batch, training=True)
+        return batch, tf.gather(targets, indices)
+
+    return (
+        tf.data.Dataset.range(len(images))
+        .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size, drop_remainder=True)
+        .map(gather, num_parallel_calls=AUTOTUNE)
+        .prefetch(AUTOTUNE)
+    )
+
+
+def finetune(backbone, train_set, epochs, num_classes=None, batch_size=128,
+             learning_rate=0.1, backbone_lr_scale=0.1, momentum=0.9, weight_decay=5e-4,
+             crop_scale=CROP_SCALE, flip=True, seed=0, verbose=0):
+    """A `FineTuner` on a copy of `backbone`, trained on the labelled ImageSet
+    `train_set` (uint8 images of the backbone's input shape) for `epochs`.
+
+    `learning_rate` is the head's peak rate (cosine decay to 0 over the run);
+    the backbone's is `learning_rate * backbone_lr_scale`. Batches are whole:
+    `batch_size` is capped at the number of images.
+    """
+    if train_set.labels is None:
+        raise ValueError("fine-tuning needs labels; the training set has none")
+    keras.utils.set_random_seed(seed)
+    batch_size = min(batch_size, len(train_set))
+    steps_per_epoch = len(train_set) // batch_size
+    model = FineTuner(copy_model(backbone), num_classes or train_set.num_classes,
+                      backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
+                      seed=seed)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate, max(1, epochs * steps_per_epoch))
+    model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=momentum),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    augment = finetune_augmentation(train_set.images.shape[1:3], crop_scale, flip, seed)
+    batches = labelled_batches(train_set.images, train_set.labels, batch_size, augment, seed)
+    model.fit(batches, epochs=epochs, verbose=verbose, shuffle=False)
+    return model
+
+
+def predict_classes(model, images, batch_size=256):
+    """Argmax predictions of a classifier on uint8 images, in inference mode."""
+    logits = model.predict(eval_dataset(images, batch_size), verbose=0)
+    return np.argmax(logits, axis=-1)
+
+
+def finetune_accuracy(backbone, train_set, test_set, epochs, **kwargs):
+    """Test accuracy of `backbone` fine-tuned on `train_set` (see `finetune`,
+    which takes the keyword arguments); `backbone` itself is left unchanged."""
+    num_classes = max(train_set.num_classes, int(np.max(test_set.labels)) + 1)
+    model = finetune(backbone, train_set, epochs, num_classes=num_classes, **kwargs)
+    return float(np.mean(predict_classes(model, test_set.images) == test_set.labels))
+
+
+__all__ = ["FineTuner", "copy_model", "finetune", "finetune_accuracy",
+           "finetune_augmentation", "labelled_batches", "predict_classes"]
