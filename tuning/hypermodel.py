@@ -1,0 +1,250 @@
+"""The keras-tuner side of SimCLIC: a search space derived from SimCLICConfig,
+a HyperModel that trains one trial, and the validation objective.
+
+The search space is not restated here: a tuned knob's values come from its
+config field (`choices`, a registry's names, `range`, or its bool type), and
+the perturbation strength's interval from the perturbation class
+(`strength_range`). The objective is the kNN (or linear) accuracy on a
+labelled split held out from the *training* data, never the SSL loss, which
+a collapsed encoder minimises best.
+"""
+
+import dataclasses
+
+import keras
+import keras_tuner
+
+from simclic_tf import augment, data
+from simclic_tf.callbacks import CollapseMonitor
+from simclic_tf.cli import choice_names, value_type
+from simclic_tf.config import ConfigError, SimCLICConfig, flag
+from simclic_tf.evaluation import extract_features, knn_accuracy, linear_accuracy
+from simclic_tf.model import SimCLIC, build_optimizer
+from simclic_tf.registry import PERTURBATIONS
+
+FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
+
+# The paper's Tables 4 to 6, the perturbation type, and its strength.
+ABLATIONS = ("predictor", "stop_gradient", "loss", "perturbation", "strength")
+
+# Knobs that may be tuned alongside an ablation (`--tune`): searched on a log
+# scale over a decade either side of the configured value (clipped to the
+# field's range), since their fields' ranges bound validity, not sense.
+EXTRA_KNOBS = ("base_lr", "weight_decay")
+
+OBJECTIVES = ("knn", "linear")
+
+
+def objective_name(kind):
+    """The epoch-log key the tuner maximises: `val_knn_accuracy` or `val_linear_accuracy`."""
+    return f"val_{kind}_accuracy"
+
+
+def ablation_fields(ablation, config):
+    """The config fields an ablation varies."""
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"--ablation {ablation!r} is not accepted; choose one of: "
+                          f"{', '.join(ABLATIONS)}")
+    if ablation != "strength":
+        return (ablation,)
+    if PERTURBATIONS.get(config.perturbation).strength_range is None:
+        with_strength = [name for name in PERTURBATIONS.names()
+                         if PERTURBATIONS.get(name).strength_range is not None]
+        raise ConfigError(
+            f"--ablation strength: --perturbation {config.perturbation} has no strength to "
+            f"search; choose one of: {', '.join(with_strength)}")
+    if config.perturbation == "history":
+        return ("strength", "history_momentum")
+    return ("strength",)
+
+
+def declare(hp, name, config):
+    """Declares config field `name` in `hp` (keras_tuner.HyperParameters),
+    its domain read from the field's metadata, with `config`'s value as the
+    default, and returns the value of the current trial."""
+    if name not in FIELDS:
+        raise ConfigError(f"{name!r} is not a SimCLICConfig field")
+    field = FIELDS[name]
+    current = getattr(config, name)
+    if name == "strength":
+        perturbation = PERTURBATIONS.get(config.perturbation)
+        low, high = perturbation.strength_range
+        default = perturbation.default_strength if current is None else current
+        return hp.Float(name, low, high, default=default)
+    if name in EXTRA_KNOBS:
+        low, high = field.metadata["range"]
+        if not current > 0:
+            raise ConfigError(f"--tune {name} searches a decade around {flag(name)}, "
+                              f"which is {current}; give it a value above 0")
+        return hp.Float(name, max(low, current / 10), min(high, current * 10),
+                        sampling="log", default=current)
+    kind = value_type(field)
+    if kind is bool:
+        return hp.Boolean(name, default=current)
+    if field.metadata["choices"] is not None:
+        return hp.Choice(name, list(choice_names(field.metadata["choices"])), default=current)
+    if field.metadata["range"] is not None:
+        low, high = field.metadata["range"]
+        if kind is int:
+            return hp.Int(name, low, high, default=current)
+        return hp.Float(name, low, high, default=current)
+    raise ConfigError(f"{flag(name)} has neither choices nor a range: it cannot be searched")
+
+
+def trial_config(base, fields, hp):
+    """The config of one trial: `base` with the tuned `fields` set from `hp`."""
+    values = {name: declare(hp, name, base) for name in fields}
+    if "perturbation" in values:
+        # Each perturbation at its own default strength ('none' has none).
+        values["strength"] = None
+    return base.replace(**values)
+
+
+def search_space(base, fields):
+    """The keras_tuner.HyperParameters of the fields, declared as a trial would."""
+    hp = keras_tuner.HyperParameters()
+    trial_config(base, fields, hp)
+    return hp
+
+
+def is_discrete(hp):
+    """True when every hyperparameter has a finite list of values (a grid)."""
+    return all(isinstance(p, (keras_tuner.engine.hyperparameters.Choice,
+                              keras_tuner.engine.hyperparameters.Boolean)) for p in hp.space)
+
+
+def grid(hp):
+    """Every combination of a discrete space, each value list starting with its
+    default, the first hyperparameter varying slowest."""
+    axes = []
+    for parameter in hp.space:
+        values = list(parameter.values)
+        values.remove(parameter.default)
+        axes.append([(parameter.name, value) for value in [parameter.default] + values])
+    combinations = [{}]
+    for axis in axes:
+        combinations = [{**c, name: value} for c in combinations for name, value in axis]
+    return combinations
+
+
+def validation_split(train_set, fraction, seed):
+    """(rest, validation): a stratified, seeded `fraction` of the labelled
+    training set, rows kept in order. The tuner pretrains on `rest` and scores
+    a trial on `validation`, so the test set never steers a choice."""
+    if train_set.labels is None:
+        raise data.DataError(
+            "--dataset has no labels, so no labelled validation split can be held out of "
+            "it for the tuner's objective; pass a labelled training set (dir:PATH with one "
+            "folder per class, npz:PATH with y, or a labelled tensorflow-datasets name)")
+    try:
+        return train_set.stratified_split(fraction, seed)
+    except ValueError as error:
+        raise data.DataError(
+            f"--val-fraction {fraction} cannot hold out a stratified split of the "
+            f"{len(train_set)} training images ({train_set.num_classes} classes): {error}"
+        ) from None
+
+
+class ValidationMonitor(keras.callbacks.Callback):
+    """The tuner's objective: weighted kNN accuracy of the backbone on the
+    held-out validation split (memory: the pretraining images and their
+    labels), as `val_knn_accuracy` in the epoch logs, after the last epoch
+    and every `every` epochs (0: last only); with `linear_epochs`, also a
+    linear classifier's accuracy after the last epoch, `val_linear_accuracy`.
+    `final` holds the last epoch's logs. Put it before
+    `keras.callbacks.TensorBoard` so the values reach TensorBoard."""
+
+    def __init__(self, memory, validation, k=200, temperature=0.1, every=0,
+                 linear_epochs=0, seed=0):
+        super().__init__()
+        self.memory = memory
+        self.validation = validation
+        self.k = k
+        self.temperature = temperature
+        self.every = every
+        self.linear_epochs = linear_epochs
+        self.seed = seed
+        self.final = None
+
+    def evaluate(self, linear):
+        backbone = self.model.backbone
+        memory = extract_features(backbone, self.memory.images)
+        queries = extract_features(backbone, self.validation.images)
+        classes = self.memory.num_classes
+        results = {"val_knn_accuracy": knn_accuracy(
+            memory, self.memory.labels, queries, self.validation.labels, classes,
+            k=self.k, temperature=self.temperature)}
+        if linear:
+            results["val_linear_accuracy"] = linear_accuracy(
+                memory, self.memory.labels, queries, self.validation.labels, classes,
+                epochs=self.linear_epochs, seed=self.seed)
+        return results
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        last = epoch + 1 == self.params["epochs"]
+        if last or (self.every and (epoch + 1) % self.every == 0):
+            logs.update(self.evaluate(linear=last and self.linear_epochs > 0))
+        if last:
+            self.final = {key: float(value) for key, value in logs.items()}
+
+    def on_train_end(self, logs=None):
+        if self.final is None:  # resumed after the last epoch had finished
+            self.final = self.evaluate(linear=self.linear_epochs > 0)
+
+
+class SimCLICHyperModel(keras_tuner.HyperModel):
+    """Builds and trains one trial: `base` with the tuned `fields` from `hp`.
+
+    Args:
+      base: the SimCLICConfig of the fixed knobs (the train.py flags).
+      fields: names of the config fields searched.
+      train_set: labelled ImageSet to pretrain on (the validation split removed).
+      validation: labelled ImageSet that scores a trial.
+      objective: "knn" or "linear".
+    """
+
+    def __init__(self, base, fields, train_set, validation, objective="knn", verbose=2):
+        super().__init__(name="simclic")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"--objective {objective!r} is not accepted; choose one of: "
+                              f"{', '.join(OBJECTIVES)}")
+        if objective == "linear" and not base.linear_epochs:
+            raise ConfigError("--objective linear needs --linear-epochs above 0")
+        self.base = base
+        self.fields = tuple(fields)
+        self.train_set = train_set
+        self.validation = validation
+        self.objective = objective
+        self.verbose = verbose
+
+    def config(self, hp):
+        return trial_config(self.base, self.fields, hp)
+
+    def build(self, hp):
+        config = self.config(hp)
+        keras.utils.set_random_seed(config.seed)  # every trial starts from the same draw
+        probe = {"num_classes": self.train_set.num_classes} if config.online_probe else {}
+        model = SimCLIC(config, self.train_set.images.shape[1:], len(self.train_set), **probe)
+        model.compile(optimizer=build_optimizer(config, self.steps_per_epoch(config)))
+        return model
+
+    def steps_per_epoch(self, config):
+        return len(self.train_set) // config.batch_size
+
+    def fit(self, hp, model, callbacks=(), **kwargs):
+        """Pretrains `model` and returns the last epoch's metrics: the objective,
+        `z_std`, `loss` (and the other one of kNN / linear when computed)."""
+        config = model.config
+        keras.utils.set_random_seed(config.seed)
+        images = self.train_set.images
+        views = augment.build_augmentation(images.shape[1:3], images.shape[-1], seed=config.seed)
+        labels = {"labels": self.train_set.labels} if config.online_probe else {}
+        pretrain = data.pretrain_dataset(images, config.batch_size, config.views, views,
+                                         seed=config.seed, **labels)
+        monitor = ValidationMonitor(
+            self.train_set, self.validation, config.knn_k, config.knn_t, config.knn_every,
+            config.linear_epochs if self.objective == "linear" else 0, config.seed)
+        model.fit(pretrain, epochs=config.epochs, shuffle=False, verbose=self.verbose,
+                  callbacks=[monitor, CollapseMonitor(config.proj_dim), *callbacks])
+        return dict(monitor.final)
