@@ -120,6 +120,22 @@ class SimCLICConfig:
         "backbone at 0.1 x the head's learning rate (0: skip)",
         range=(0, 100000),
     )
+    # Scale.
+    strategy: str = knob(
+        "auto", "tf.distribute strategy: mirrored (the GPUs of this machine), multi_worker "
+        "(the cluster of TF_CONFIG), tpu, default (one device), or auto (mirrored when "
+        "several GPUs are visible, else default)",
+        choices=("auto", "default", "mirrored", "multi_worker", "tpu"))
+    sync_bn: bool = knob(
+        False, "cross-replica BatchNorm (statistics over the global batch) in the backbone, "
+        "projector and predictor")
+    precision: str = knob(
+        "float32", "compute precision; the mixed policies keep float32 weights, loss, "
+        "normalisations and history math (float16 adds dynamic loss scaling)",
+        choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    jit: Optional[bool] = knob(
+        None, "XLA-compile the training step (model.compile(jit_compile=...)); "
+        "default: Keras's auto (on where a GPU is visible)")
     # Run.
     seed: int = knob(0, "random seed", range=(0, 2**31 - 1))
     run_dir: str = knob("runs/latest", "directory for logs, checkpoints and report")

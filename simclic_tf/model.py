@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from simclic_tf import distribute
 from simclic_tf.backbones import build_backbone
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.heads import build_projector
@@ -24,9 +25,9 @@ Objective.__doc__ = "The SimCLIC loss, the first view's z and its backbone featu
 
 def collapse_std(z):
     """Std over the batch of the l2-normalised z, averaged over dimensions:
-    about 1/sqrt(dim) when healthy, 0 when every image maps to one point."""
-    z = ops.normalize(ops.cast(z, "float32"), axis=-1)
-    return ops.mean(ops.std(z, axis=0))
+    about 1/sqrt(dim) when healthy, 0 when every image maps to one point.
+    Under tf.distribute, over the global batch (all replicas' rows)."""
+    return distribute.global_batch_std(z)
 
 
 @keras.saving.register_keras_serializable("simclic_tf")
@@ -71,6 +72,8 @@ class SimCLIC(keras.Model):
             self.probe.build((None, self.backbone.output.shape[-1]))
             self.probe_accuracy = keras.metrics.SparseCategoricalAccuracy(
                 name="online_probe_accuracy")
+        if config.sync_bn:
+            distribute.synchronize_batch_norm(self)
         self.built = True
 
     def call(self, images, training=False):
@@ -117,7 +120,11 @@ class SimCLIC(keras.Model):
         with tf.GradientTape() as tape:
             loss, z, features = self.compute_objective(views, indices, training=True)
             total = loss + (self._probe_loss(features, labels[0]) if labels else 0.0)
-        gradients = tape.gradient(total, variables)
+            # Replicas' gradients are summed by the optimizer: each takes its
+            # share of the global-batch mean; then the (float16) loss scale.
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(total / replicas)
+        gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(self._sgd_gradients(gradients, variables), variables))
         return self._update_metrics(loss, z)
 
@@ -132,6 +139,10 @@ class SimCLIC(keras.Model):
         `fix_pred_lr`); the online probe at `online_probe_lr`, without decay.
         """
         current = ops.cast(self.optimizer.learning_rate, "float32")
+        # The gradients carry the loss scale and the 1 / replicas share of the
+        # mean (train_step): the decay term must carry them too.
+        decay_scale = ops.cast(self.optimizer.scale_loss(ops.ones((), "float32")), "float32") / (
+            self.distribute_strategy.num_replicas_in_sync)
 
         def factor_for(rate):
             # At a warm-up's lr of 0 no weight moves, whatever the factor.
@@ -149,9 +160,22 @@ class SimCLIC(keras.Model):
         scaled = []
         for g, v in zip(gradients, variables):
             if v.path not in no_decay:
-                g = g + config.weight_decay * ops.cast(v, g.dtype)
+                g = g + ops.cast(config.weight_decay * decay_scale, g.dtype) * ops.cast(v, g.dtype)
             scaled.append(g * ops.cast(factors[v.path], g.dtype) if v.path in factors else g)
         return scaled
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """What Keras's symbolic build would do for this model, without it.
+
+        Every layer is built in __init__ (no metrics or loss are compiled),
+        so only the optimizer is left to build. Keras's own version first
+        reduces a distributed data batch across replicas, which fails under
+        MultiWorkerMirroredStrategy (it cannot convert the PerReplica batch).
+        """
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        self._post_build()
 
     def test_step(self, data):
         views, indices, *labels = data
@@ -163,7 +187,12 @@ class SimCLIC(keras.Model):
     def _update_metrics(self, loss, z):
         self.loss_tracker.update_state(loss)
         self.z_std_tracker.update_state(collapse_std(z))
-        return {metric.name: metric.result() for metric in self.metrics}
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        if distribute.is_multi_worker(self.distribute_strategy):
+            # Keras reduces step logs across workers with a MEAN over axis 0,
+            # which fails on scalars: give them that axis.
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs
 
     @property
     def metrics(self):

@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 import kernels
+from simclic_tf import distribute
 from simclic_tf.registry import PERTURBATIONS
 
 
@@ -25,6 +26,9 @@ class Perturbation(keras.layers.Layer):
         self.strength = self.default_strength if strength is None else float(strength)
         self.seed = seed
         self.kernel_impl = kernel_impl
+        # No shape-dependent weights: built now, so that Keras's symbolic
+        # build under a tf.distribute strategy does not try to call it.
+        self.built = True
 
     @property
     def kernels(self):
@@ -115,14 +119,18 @@ class HistoryPerturbation(Perturbation):
         self.dim = int(dim)
         self.momentum = float(momentum)
         self.bank_dtype = bank_dtype
-        self.bank = self.add_weight(
-            shape=(self.num_samples, self.dim), initializer="zeros",
-            dtype=bank_dtype, trainable=False, name="bank",
-        )
-        self.visits = self.add_weight(
-            shape=(self.num_samples,), initializer="zeros", dtype="int32",
-            trainable=False, name="visits",
-        )
+        # Replicated under tf.distribute: ON_READ / ONLY_FIRST_REPLICA, so each
+        # replica updates its own copy in place (simclic_tf/distribute.py);
+        # autocast off, so a mixed-precision policy never reads it as float16.
+        with keras.name_scope(self.name, caller=self):
+            self.bank = keras.Variable(
+                initializer="zeros", shape=(self.num_samples, self.dim), dtype=bank_dtype,
+                trainable=False, autocast=False, name="bank",
+                **distribute.REPLICATED_VARIABLE)
+            self.visits = keras.Variable(
+                initializer="zeros", shape=(self.num_samples,), dtype="int32",
+                trainable=False, autocast=False, name="visits",
+                **distribute.REPLICATED_VARIABLE)
 
     @classmethod
     def from_run_config(cls, config, num_samples):
@@ -134,8 +142,10 @@ class HistoryPerturbation(Perturbation):
         indices = ops.cast(indices, "int32")
         if training:
             new_rows = ops.stop_gradient(sum(ops.cast(z, "float32") for z in zs) / len(zs))
-            old_rows, seen = self.kernels.history_exchange(
-                self.bank, self.visits, indices, new_rows, self.momentum)
+            # Under tf.distribute: all-gather (i, z), the same writes on every copy.
+            old_rows, seen = distribute.replicated_exchange(
+                self.kernels.history_exchange, self.bank, self.visits, indices, new_rows,
+                self.momentum)
         else:
             old_rows = ops.cast(ops.take(self.bank, indices, axis=0), "float32")
             seen = ops.take(self.visits, indices, axis=0) > 0

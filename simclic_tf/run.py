@@ -18,7 +18,7 @@ import time
 import keras
 import tensorflow as tf
 
-from simclic_tf import augment, data, plots
+from simclic_tf import augment, data, distribute, plots
 from simclic_tf.callbacks import CollapseMonitor, KNNMonitor, ResumableCSVLogger
 from simclic_tf.config import ConfigError, SimCLICConfig
 from simclic_tf.evaluation import (evaluate_backbone, extract_features, labelled_memory,
@@ -46,12 +46,19 @@ def prepare_run_dir(config, resume):
     return config
 
 
-def build_model(config, train_set):
-    """A compiled SimCLIC model for this config and training set."""
+def build_model(config, train_set, strategy=None):
+    """A compiled SimCLIC model for this config and training set: the
+    `--precision` policy set, model, optimizer and metrics created under
+    `strategy.scope()` (default: the current strategy), `--jit` applied.
+    model.fit then splits each global batch of `batch_size` across replicas."""
+    strategy = strategy or tf.distribute.get_strategy()
+    distribute.set_precision(config.precision)
     steps_per_epoch = len(train_set) // config.batch_size
     num_classes = train_set.num_classes if train_set.labels is not None else None
-    model = SimCLIC(config, train_set.images.shape[1:], len(train_set), num_classes)
-    model.compile(optimizer=build_optimizer(config, steps_per_epoch))
+    with strategy.scope():
+        model = SimCLIC(config, train_set.images.shape[1:], len(train_set), num_classes)
+        model.compile(optimizer=build_optimizer(config, steps_per_epoch),
+                      jit_compile=distribute.jit_compile(config.jit, strategy))
     return model
 
 
@@ -77,6 +84,7 @@ def draw_results(model, queries, run_dir):
 def run(config, resume=False):
     """Runs the job and returns the report dict (also written to run_dir)."""
     config = prepare_run_dir(config, resume)
+    strategy = distribute.make_strategy(config.strategy)  # Before other TF work.
     keras.utils.set_random_seed(config.seed)
     train_set, test_set = data.load_train_and_eval(config)
     augmentation = augment.build_augmentation(
@@ -84,7 +92,7 @@ def run(config, resume=False):
     pretrain_data = data.pretrain_dataset(
         train_set.images, config.batch_size, config.views, augmentation, seed=config.seed,
         labels=train_set.labels if config.online_probe else None)
-    model = build_model(config, train_set)
+    model = build_model(config, train_set, strategy)
     memory, queries = labelled_memory(train_set, test_set, config.seed)
     random_init = evaluate_backbone(model.backbone, memory, queries, config)
     draw_views(train_set, augmentation, config.run_dir)

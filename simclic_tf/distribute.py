@@ -1,0 +1,203 @@
+"""Scale: the tf.distribute strategy, mixed precision, cross-replica
+BatchNorm, and the glue that keeps the history buffer identical on every
+replica (DESIGN.md section 5).
+
+History under distribution ("replicated"): every replica holds a full copy
+of the bank and the visit counts. In each training step the replicas
+all-gather `(indices, new_rows)` (by all-reduce, replica order, so the gathered batch is
+the global batch in the order a single device sees it), every replica runs
+the same exchange on the global batch against its own copy, and keeps the
+old rows of its own positions. All copies therefore receive the same writes
+(duplicates across replicas write their mean, as on one device) and stay
+bit-identical. The variables are `synchronization=ON_READ`,
+`aggregation=ONLY_FIRST_REPLICA`: inside a replica each one reads and writes
+its local copy without a cross-device merge (an ON_WRITE MirroredVariable
+would need a `merge_call` per update, which a jit-compiled step cannot hold),
+and outside (checkpoints, `.keras` files, `.numpy()`) the first replica's
+copy is the value, while a restore assigns it to every copy.
+"""
+
+import json
+import logging
+import os
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from simclic_tf.config import ConfigError, flag
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+# Creation settings of the history bank and visit counts (module docstring).
+REPLICATED_VARIABLE = {"synchronization": "on_read", "aggregation": "only_first_replica"}
+
+
+def make_strategy(name="auto"):
+    """The tf.distribute strategy `--strategy NAME` asks for.
+
+    auto: MirroredStrategy when several GPUs are visible, else the default
+    (one device). multi_worker: MultiWorkerMirroredStrategy with the cluster
+    of the TF_CONFIG environment variable (one worker without it); create it
+    before any other TensorFlow work in the process. tpu: TPUStrategy over
+    the TPU that TPUClusterResolver finds (TPU_NAME, or a local TPU VM).
+    """
+    name = getattr(name, "strategy", name)  # A SimCLICConfig is accepted too.
+    if name not in STRATEGIES:
+        raise ConfigError(f"{flag('strategy')} {name!r} is not accepted; choose one of: "
+                          f"{', '.join(STRATEGIES)}")
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            logger.warning("--strategy multi_worker without TF_CONFIG: one worker")
+        else:
+            try:
+                json.loads(os.environ["TF_CONFIG"])
+            except ValueError as error:
+                raise ConfigError(f"{flag('strategy')} multi_worker: TF_CONFIG is not JSON "
+                                  f"({error})")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise ConfigError(
+            f"{flag('strategy')} tpu: no TPU found ({str(error).splitlines()[0]}); set "
+            "TPU_NAME or run on a TPU VM, or choose --strategy auto, default, mirrored "
+            "or multi_worker") from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def set_precision(name):
+    """`keras.mixed_precision.set_global_policy` for `--precision NAME`
+    (layers built afterwards compute in float16 / bfloat16 and keep float32
+    weights; the loss, normalisations, z_std and history math stay float32)."""
+    name = getattr(name, "precision", name)
+    if name not in PRECISIONS:
+        raise ConfigError(f"{flag('precision')} {name!r} is not accepted; choose one of: "
+                          f"{', '.join(PRECISIONS)}")
+    keras.mixed_precision.set_global_policy(name)
+
+
+def synchronize_batch_norm(model):
+    """Turns every BatchNormalization inside `model` into a cross-replica
+    one (`synchronized=True`, saved in its config); returns how many.
+    Without a multi-replica strategy it computes the same statistics."""
+    count = 0
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+            count += 1
+    return count
+
+
+def replica_context():
+    """The replica context when more than one replica is in sync, else None."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context
+
+
+def local_variable(variable):
+    """The `tf.Variable` a kernel should update in place: inside a replica,
+    this replica's copy of a distributed (ON_READ) variable; else the
+    variable behind a keras.Variable."""
+    inner = getattr(variable, "_value", None) if isinstance(variable, keras.Variable) else variable
+    if inner is None:
+        inner = variable.value
+    if (isinstance(inner, tf.distribute.DistributedValues)
+            and tf.distribute.get_replica_context() is not None):
+        return inner._get_on_device_or_primary()
+    return inner
+
+
+def replicated_exchange(exchange, bank, visits, indices, new_rows, momentum):
+    """`exchange(bank, visits, indices, new_rows, momentum)` kept consistent
+    across replicas: (old_rows, seen) of this replica's positions, after every
+    copy of the bank took the writes of the whole global batch."""
+    bank, visits = local_variable(bank), local_variable(visits)
+    context = replica_context()
+    if context is None:
+        return exchange(bank, visits, indices, new_rows, momentum)
+    all_indices, all_rows, start, size = _gather_global_batch(context, indices, new_rows)
+    old_rows, seen = exchange(bank, visits, all_indices, all_rows, momentum)
+    return (tf.slice(old_rows, [start, 0], [size, -1]), tf.slice(seen, [start], [size]))
+
+
+def _gather_global_batch(context, indices, rows):
+    """All replicas' (indices, rows) concatenated in replica order, and this
+    replica's (start, size) in it.
+
+    Built from all-reduce sums of zero-padded blocks (each replica fills its
+    own block; x + 0 is exact) rather than `ReplicaContext.all_gather`, which
+    fails inside a MultiWorkerMirroredStrategy step in TF 2.21 ("destinations
+    can not be empty"); all-reduce is what every strategy does for gradients.
+    It moves R times the gathered bytes, (R B) x d floats: small beside the
+    gradients of the encoder.
+    """
+    replicas = context.num_replicas_in_sync
+    replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    size = tf.shape(indices)[0]
+    sizes = context.all_reduce("sum", tf.one_hot(replica, replicas, dtype=tf.int32) * size)
+    start = tf.reduce_sum(sizes[:replica])
+    after = tf.reduce_sum(sizes) - start - size
+    all_indices = context.all_reduce("sum", tf.pad(indices, [[start, after]]))
+    all_rows = context.all_reduce("sum", tf.pad(rows, [[start, after], [0, 0]]))
+    return all_indices, all_rows, start, size
+
+
+def global_batch_std(z):
+    """collapse_std over the global batch: the std over all replicas' rows of
+    the l2-normalised z, averaged over dimensions (two all-reduces of d
+    floats); on one replica the plain batch std."""
+    z = ops.normalize(ops.cast(z, "float32"), axis=-1)
+    context = replica_context()
+    if context is None:
+        return ops.mean(ops.std(z, axis=0))
+    total = context.all_reduce("sum", tf.cast(tf.shape(z)[0], tf.float32))
+    mean = context.all_reduce("sum", tf.reduce_sum(z, axis=0)) / total
+    variance = context.all_reduce("sum", tf.reduce_sum(tf.square(z - mean), axis=0)) / total
+    return ops.mean(ops.sqrt(variance))
+
+
+def jit_compile(jit, strategy):
+    """`model.compile(jit_compile=...)` for `--jit` under `strategy`.
+
+    Keras 3 (TF backend) XLA-compiles the function that calls
+    `strategy.run`, so a strategy with several devices in this process
+    (MirroredStrategy over 2+ GPUs or logical CPUs) cannot be jit-compiled:
+    XLA refuses variables on another device. There, Keras's auto is off and
+    `--jit` is an error; on TPU every step is compiled anyway; elsewhere None
+    means Keras's "auto".
+    """
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return False  # TPUStrategy compiles every step with XLA by itself.
+    try:
+        local_devices = len(strategy.extended.worker_devices)
+    except RuntimeError:  # The default strategy: one device.
+        local_devices = 1
+    if local_devices > 1:
+        if jit:
+            raise ConfigError(
+                f"{flag('jit')} is not supported with {local_devices} devices in one "
+                "process (Keras 3 XLA-compiles the whole strategy.run, and XLA cannot "
+                "use variables on another device); use --no-jit, or one device per "
+                "worker with --strategy multi_worker")
+        return False
+    return "auto" if jit is None else bool(jit)
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy with several workers."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())

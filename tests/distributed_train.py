@@ -1,0 +1,66 @@
+"""Helper of tests/test_distribute.py: `train.py` on two logical CPU devices
+(configured before TensorFlow initialises them), so that `--strategy
+mirrored` has two replicas. SIMCLIC_TEST_CRASH_AT_EPOCH=K raises at the start
+of epoch K (a crash for the resume test); SIMCLIC_TEST_STATE=FILE writes the
+replica copies of the history buffer (as lists) at the end.
+
+    python tests/distributed_train.py [train.py flags]
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from simclic_tf import run as run_module  # noqa: E402
+
+
+class Crash(Exception):
+    pass
+
+
+def main():
+    crash_at = os.environ.get("SIMCLIC_TEST_CRASH_AT_EPOCH")
+    state_file = os.environ.get("SIMCLIC_TEST_STATE")
+    original_build = run_module.build_model
+    built = {}
+
+    def build_model(*args, **kwargs):
+        built["model"] = model = original_build(*args, **kwargs)
+        return model
+
+    run_module.build_model = build_model
+    if crash_at is not None:
+        def crash(self, epoch, logs=None):
+            if epoch == int(crash_at):
+                raise Crash(f"crash at epoch {epoch}")
+        run_module.CollapseMonitor.on_epoch_begin = crash
+    try:
+        code = train.main(sys.argv[1:])
+    except Crash as error:
+        print(error)
+        return 3
+    if state_file:
+        model = built["model"]
+        copies = [c.numpy() for c in model.distribute_strategy.experimental_local_results(
+            model.perturbation.visits._value)]
+        banks = [c.numpy() for c in model.distribute_strategy.experimental_local_results(
+            model.perturbation.bank._value)]
+        with open(state_file, "w") as f:
+            json.dump({"replicas": model.distribute_strategy.num_replicas_in_sync,
+                       "visits": [c.tolist() for c in copies],
+                       "banks_equal": all((b == banks[0]).all() for b in banks),
+                       "iterations": int(model.optimizer.iterations.numpy())}, f)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

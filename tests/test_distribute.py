@@ -1,0 +1,207 @@
+"""tf.distribute: a MirroredStrategy over two logical CPU devices trains
+exactly as one device on the same global batch (history rows included), a
+run resumes under it, and the Scale knobs. The two-device checks run in
+subprocesses (tests/distributed_step.py, tests/distributed_train.py): logical
+devices must be configured before TensorFlow initialises them, and the rest
+of the suite keeps its single device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from simclic_tf import distribute
+from simclic_tf.cli import add_config_flags, config_from_args
+from simclic_tf.config import ConfigError, SimCLICConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run_helper(script, args, env=None, timeout=300):
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, script), *map(str, args)],
+        cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.mark.parametrize("precision, tolerance", [("float32", 1e-4),
+                                                  ("mixed_float16", 2e-2)])
+def test_two_replicas_train_as_one_device(tmp_path, precision, tolerance):
+    """Two steps, the second re-reading rows of the first with index 4 on both
+    replicas: the same losses, z_std, weights and history rows as one device,
+    and both replicas' copies of the buffer bit-identical. With --sync-bn
+    (every BatchNorm over the global batch) this is exact up to float
+    summation order; without it, each replica normalises its own half."""
+    out = tmp_path / "step.json"
+    check(run_helper("distributed_step.py", [out, "--precision", precision]))
+    result = json.loads(out.read_text())
+    single, mirrored = result["single"], result["mirrored"]
+    assert result["replicas"] == 2
+    for a, b in zip(single["logs"], mirrored["logs"]):
+        np.testing.assert_allclose(a["loss"], b["loss"], atol=tolerance)
+        np.testing.assert_allclose(a["z_std"], b["z_std"], atol=tolerance)
+    for a, b in zip(single["weights"], mirrored["weights"]):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=tolerance)
+    np.testing.assert_allclose(np.array(single["bank"]), np.array(mirrored["bank"]),
+                               atol=tolerance)
+    assert single["visits"] == mirrored["visits"]
+    # Duplicate 4 (once per replica) counted once per step, as on one device.
+    assert mirrored["visits"][:12] == [1, 1, 1, 2, 2, 2, 2, 2, 0, 1, 1, 0]
+    first, second = (np.array(bank) for bank in mirrored["replica_banks"])
+    assert (first == second).all() and np.abs(first).sum() > 0
+
+
+def test_a_run_resumes_under_a_mirrored_strategy(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
+            "--pred-hidden", "8", "--batch-size", "64", "--linear-epochs", "0",
+            "--knn-every", "0", "--epochs", "3", "--strategy", "mirrored", "--sync-bn",
+            "--run-dir", run_dir]
+    crashed = run_helper("distributed_train.py", argv, {"SIMCLIC_TEST_CRASH_AT_EPOCH": "2"})
+    assert crashed.returncode == 3, crashed.stderr[-5000:]
+    assert (run_dir / "backup").exists() and not (run_dir / "report.json").exists()
+    state_file = tmp_path / "state.json"
+    check(run_helper("distributed_train.py", ["--run-dir", run_dir, "--resume"],
+                     {"SIMCLIC_TEST_STATE": str(state_file)}))
+    state = json.loads(state_file.read_text())
+    steps = 3 * (1437 // 64)
+    assert state["replicas"] == 2 and state["banks_equal"]
+    assert state["iterations"] == steps
+    # Every replica's copy holds the writes of all three epochs, the first two
+    # restored from the checkpoint.
+    assert [sum(v) for v in state["visits"]] == [steps * 64] * 2
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    assert ops.convert_to_numpy(model.perturbation.visits).sum() == steps * 64
+    assert model.config.strategy == "mirrored" and model.config.sync_bn
+
+
+def test_scale_knobs_are_config_fields_and_flags():
+    import argparse
+    parser = add_config_flags(argparse.ArgumentParser())
+    config = config_from_args(parser.parse_args(
+        ["--strategy", "mirrored", "--sync-bn", "--precision", "mixed_bfloat16", "--no-jit"]))
+    assert (config.strategy, config.sync_bn, config.precision, config.jit) == (
+        "mirrored", True, "mixed_bfloat16", False)
+    assert SimCLICConfig().jit is None and SimCLICConfig().strategy == "auto"
+    with pytest.raises(ConfigError, match="--strategy"):
+        SimCLICConfig(strategy="horovod")
+    with pytest.raises(ConfigError, match="--precision"):
+        SimCLICConfig(precision="float16")
+
+
+def test_make_strategy_and_jit():
+    default = distribute.make_strategy("default")
+    assert default.num_replicas_in_sync == 1
+    if len(tf.config.list_physical_devices("GPU")) < 2:
+        assert distribute.make_strategy("auto").num_replicas_in_sync == 1
+    assert distribute.jit_compile(None, default) == "auto"
+    assert distribute.jit_compile(True, default) is True
+    one = tf.distribute.MirroredStrategy(["/cpu:0"])
+    assert distribute.jit_compile(False, one) is False
+
+
+def test_no_tpu_is_a_clear_error(monkeypatch):
+    def no_tpu(*args, **kwargs):
+        raise ValueError("Please provide a TPU Name to connect to.")
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", no_tpu)
+    with pytest.raises(ConfigError, match="--strategy tpu: no TPU found"):
+        distribute.make_strategy("tpu")
+
+
+def test_sync_bn_makes_every_batch_norm_cross_replica():
+    from simclic_tf import SimCLIC
+    config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=16, pred_hidden=8,
+                           sync_bn=True)
+    model = SimCLIC(config, (8, 8, 3), 10)
+    norms = [layer for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 3 + 2 + 1 and all(layer.synchronized for layer in norms)
+    # Saved with the encoder: it loads as a stock Keras layer.
+    assert model.backbone.get_layer("conv1_bn").get_config()["synchronized"]
+
+
+def test_mixed_precision_keeps_loss_and_history_in_float32():
+    from simclic_tf import SimCLIC, build_optimizer
+    config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=16, pred_hidden=8,
+                           precision="mixed_float16", batch_size=8, jit=False)
+    try:
+        distribute.set_precision(config.precision)
+        model = SimCLIC(config, (8, 8, 3), 16)
+        model.compile(optimizer=build_optimizer(config, 2), jit_compile=False)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        views = np.random.default_rng(0).random((2, 8, 8, 8, 3), dtype="float32")
+        data = tf.data.Dataset.from_tensors(((views[0], views[1]), np.arange(8, dtype="int32")))
+        history = model.fit(data.repeat(2), verbose=0)
+        assert np.isfinite(history.history["loss"][-1])
+        assert model.perturbation.bank.dtype == "float32"
+        assert ops.convert_to_numpy(model.perturbation.visits)[:8].tolist() == [2] * 8
+    finally:
+        distribute.set_precision("float32")
+
+
+def free_ports(count):
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
+    """Two MultiWorkerMirroredStrategy processes on 127.0.0.1, a few steps on
+    digits: both workers end with the same (non-trivial) buffer, holding the
+    writes of the whole global batch. Wall times are printed, not asserted."""
+    import time
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    script = os.path.join(HERE, "multi_worker.py")
+    outs = [tmp_path / f"worker{i}.npz" for i in range(2)]
+    start = time.time()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, script, str(outs[i]), "--steps", "6"], cwd=ROOT,
+            env={**env, "TF_CONFIG": json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    logs = []
+    try:
+        for process in processes:
+            logs.append(process.communicate(timeout=240)[0])
+    finally:
+        for process in processes:  # Never leave a worker behind (a hang, a failure).
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    two_workers = time.time() - start
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-5000:]
+    start = time.time()
+    check(run_helper("multi_worker.py", [tmp_path / "single.npz", "--steps", "6"],
+                     timeout=240))
+    one_worker = time.time() - start
+    first, second = (np.load(out) for out in outs)
+    assert int(first["replicas"]) == 2
+    assert first["visits"].sum() == 6 * 32  # Each step writes the global batch of 32.
+    np.testing.assert_array_equal(first["visits"], second["visits"])
+    np.testing.assert_array_equal(first["bank"], second["bank"])
+    assert np.abs(first["bank"]).sum() > 0
+    print(f"\n6 steps on digits, batch 32: two workers {two_workers:.1f} s "
+          f"(training {float(first['seconds']):.1f} s), one worker {one_worker:.1f} s "
+          f"(training {float(np.load(tmp_path / 'single.npz')['seconds']):.1f} s)")
