@@ -369,12 +369,18 @@ def pretrain_dataset(images, batch_size, views, augment, seed=None, labels=None)
         element = (tuple(augment(batch) for _ in range(views)), tf.cast(indices, tf.int32))
         return element if label_table is None else element + (tf.gather(label_table, indices),)
 
+    return shuffled_batches(len(images), batch_size, make_views, seed)
+
+
+def shuffled_batches(count, batch_size, make_batch, seed=None):
+    """Whole batches of the row indices 0..count-1, reshuffled every epoch,
+    each turned into a training batch by `make_batch` in a parallel map.
+    Shuffling row indices, not images, keeps the shuffle buffer small."""
     return (
-        # Shuffling row indices, not images, keeps the shuffle buffer small.
-        tf.data.Dataset.range(len(images))
-        .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        tf.data.Dataset.range(count)
+        .shuffle(count, seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size, drop_remainder=True)
-        .map(make_views, num_parallel_calls=AUTOTUNE)
+        .map(make_batch, num_parallel_calls=AUTOTUNE)
         .prefetch(AUTOTUNE)
     )
 

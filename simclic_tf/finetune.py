@@ -26,7 +26,7 @@ import tensorflow as tf
 from keras import ops
 
 from simclic_tf.augment import RandomResizedCrop, parallel_safe
-from simclic_tf.data import AUTOTUNE, eval_dataset
+from simclic_tf.data import eval_dataset, shuffled_batches
 
 CROP_SCALE = (0.5, 1.0)  # milder than pretraining's (0.2, 1.0)
 
@@ -137,13 +137,7 @@ def labelled_batches(images, labels, batch_size, augment=None, seed=None):
             batch = augment(batch, training=True)
         return batch, tf.gather(targets, indices)
 
-    return (
-        tf.data.Dataset.range(len(images))
-        .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size, drop_remainder=True)
-        .map(gather, num_parallel_calls=AUTOTUNE)
-        .prefetch(AUTOTUNE)
-    )
+    return shuffled_batches(len(images), batch_size, gather, seed)
 
 
 def finetune(backbone, train_set, epochs, num_classes=None, batch_size=128,

@@ -24,21 +24,13 @@ import tensorflow as tf
 import kernels
 from kernels import build, custom_op
 from kernels.reference import history_exchange_reference, representation_noise_reference
+from kernel_helpers import (DTYPES, MODES, assert_bank_close, bits, make_vars,
+                            wrap_modes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ["eager", "function", "jit"]
 IMPLS = ["tf", "custom_op"]
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-BF16_RTOL = 2.0**-7
-
-
-def _wrap(fn):
-    return {"eager": fn, "function": tf.function(fn),
-            "jit": tf.function(fn, jit_compile=True)}
-
-
-_EXCHANGE = {impl: _wrap(kernels.select(impl).history_exchange) for impl in IMPLS}
-_NOISE = {impl: _wrap(kernels.select(impl).representation_noise) for impl in IMPLS}
+_EXCHANGE = {impl: wrap_modes(kernels.select(impl).history_exchange) for impl in IMPLS}
+_NOISE = {impl: wrap_modes(kernels.select(impl).representation_noise) for impl in IMPLS}
 
 
 def exchange(impl, mode, *args):
@@ -46,18 +38,6 @@ def exchange(impl, mode, *args):
     return old.numpy(), seen.numpy()
 
 
-def make_vars(bank, visits):
-    return tf.Variable(bank), tf.Variable(np.asarray(visits, np.int32))
-
-
-def bits(a):
-    return np.ascontiguousarray(a).tobytes()
-
-
-def assert_bank_close(got, ref):
-    rtol = BF16_RTOL if ref.dtype == ml_dtypes.bfloat16 else 1e-6
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
-                               rtol=rtol, atol=1e-6)
 
 
 def test_select():

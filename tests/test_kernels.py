@@ -8,7 +8,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import re
 
 import keras
-import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,40 +18,15 @@ from kernels.reference import (
     history_exchange_reference,
     representation_noise_reference,
 )
+from kernel_helpers import (BF16_RTOL, DTYPES, MODES, assert_bank_close, bits, make_vars,
+                            wrap_modes)
 
-MODES = ["eager", "function", "jit"]
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-BF16_RTOL = 2.0**-7  # One bfloat16 ulp, relative.
-
-# One outer function per mode, shared by all tests (tracing and XLA compiling
-# once per signature keeps the suite fast).
-_WRAPPED = {
-    "eager": history_exchange,
-    "function": tf.function(history_exchange),
-    "jit": tf.function(history_exchange, jit_compile=True),
-}
+_WRAPPED = wrap_modes(history_exchange)
 
 
 def exchange(mode, *args):
     old, seen = _WRAPPED[mode](*args)
     return old.numpy(), seen.numpy()
-
-
-def make_vars(bank, visits):
-    return tf.Variable(bank), tf.Variable(np.asarray(visits, np.int32))
-
-
-def bits(a):
-    """The raw bytes of an array, for bit-exact comparisons (bf16 included)."""
-    return np.ascontiguousarray(a).tobytes()
-
-
-def assert_bank_close(got, ref):
-    got32, ref32 = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-    if ref.dtype == ml_dtypes.bfloat16:
-        np.testing.assert_allclose(got32, ref32, rtol=BF16_RTOL, atol=1e-30)
-    else:
-        np.testing.assert_allclose(got32, ref32, rtol=1e-6, atol=1e-6)
 
 
 def random_case(rng, n=50, d=8, b=16):
