@@ -62,6 +62,18 @@ def build_model(config, train_set, strategy=None):
     return model
 
 
+def pretrain_inputs(config, train_set):
+    """(augmentation, pretraining dataset) for this config: SimSiam's
+    augmentation seeded by `config.seed`, and labels in the batches when the
+    online probe needs them."""
+    images = train_set.images
+    augmentation = augment.build_augmentation(images.shape[1:3], images.shape[-1],
+                                              seed=config.seed)
+    return augmentation, data.pretrain_dataset(
+        images, config.batch_size, config.views, augmentation, seed=config.seed,
+        labels=train_set.labels if config.online_probe else None)
+
+
 def draw_views(train_set, augmentation, run_dir):
     """Pairs of augmented views, as views.png and a TensorBoard image."""
     grid = plots.view_pairs(train_set.images, augmentation)
@@ -87,11 +99,7 @@ def run(config, resume=False):
     strategy = distribute.make_strategy(config.strategy)  # Before other TF work.
     keras.utils.set_random_seed(config.seed)
     train_set, test_set = data.load_train_and_eval(config)
-    augmentation = augment.build_augmentation(
-        train_set.images.shape[1:3], train_set.images.shape[-1], seed=config.seed)
-    pretrain_data = data.pretrain_dataset(
-        train_set.images, config.batch_size, config.views, augmentation, seed=config.seed,
-        labels=train_set.labels if config.online_probe else None)
+    augmentation, pretrain_data = pretrain_inputs(config, train_set)
     model = build_model(config, train_set, strategy)
     memory, queries = labelled_memory(train_set, test_set, config.seed)
     random_init = evaluate_backbone(model.backbone, memory, queries, config)

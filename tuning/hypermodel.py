@@ -14,13 +14,13 @@ import dataclasses
 import keras
 import keras_tuner
 
-from simclic_tf import augment, data
+from simclic_tf import data
 from simclic_tf.callbacks import CollapseMonitor
 from simclic_tf.cli import choice_names, value_type
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.evaluation import extract_features, knn_accuracy, linear_accuracy
-from simclic_tf.model import SimCLIC, build_optimizer
 from simclic_tf.registry import PERTURBATIONS
+from simclic_tf.run import build_model, pretrain_inputs
 
 FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
 
@@ -224,24 +224,14 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         config = self.config(hp)
         keras.utils.set_random_seed(config.seed)  # every trial starts from the same draw
-        probe = {"num_classes": self.train_set.num_classes} if config.online_probe else {}
-        model = SimCLIC(config, self.train_set.images.shape[1:], len(self.train_set), **probe)
-        model.compile(optimizer=build_optimizer(config, self.steps_per_epoch(config)))
-        return model
-
-    def steps_per_epoch(self, config):
-        return len(self.train_set) // config.batch_size
+        return build_model(config, self.train_set)
 
     def fit(self, hp, model, callbacks=(), **kwargs):
         """Pretrains `model` and returns the last epoch's metrics: the objective,
         `z_std`, `loss` (and the other one of kNN / linear when computed)."""
         config = model.config
         keras.utils.set_random_seed(config.seed)
-        images = self.train_set.images
-        views = augment.build_augmentation(images.shape[1:3], images.shape[-1], seed=config.seed)
-        labels = {"labels": self.train_set.labels} if config.online_probe else {}
-        pretrain = data.pretrain_dataset(images, config.batch_size, config.views, views,
-                                         seed=config.seed, **labels)
+        _, pretrain = pretrain_inputs(config, self.train_set)
         monitor = ValidationMonitor(
             self.train_set, self.validation, config.knn_k, config.knn_t, config.knn_every,
             config.linear_epochs if self.objective == "linear" else 0, config.seed)
