@@ -9,23 +9,28 @@ CSV (and each row's run directory) under --out.
 
 Pretraining reads `cifar10_train_10k.npz` (its labels serve only the kNN
 memory, the linear classifier and the supervised row) and evaluation
-`cifar10_test.npz`, both from the shared data folder. With --validation, 10 %
-of the training file is held out (stratified, seeded) and replaces the test
-file: choose the recipe there, never on the test set. Every row shares the
-recipe (RECIPE below, any train.py flag overrides it) and the seed, so the
-backbones start from identical weights and take the same number of steps.
+`cifar10_test.npz`, both from the shared data folder. With --validation the
+queries are instead 5,000 other CIFAR-10 *training* images (files 1000-1499 of
+each class in `cifar10_train_jpeg.tar.gz`, disjoint from the 10k): choose the
+recipe and the perturbation settings there, never on the test set. Every row
+shares the recipe (RECIPE below, any train.py flag overrides it) and the seed,
+so the backbones start from identical weights and take the same number of
+steps.
 """
 
 import argparse
 import csv
 import math
 import os
+import tarfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from simclic_tf import SimCLICConfig, data  # noqa: E402
 from simclic_tf.backbones import build_backbone  # noqa: E402
@@ -49,6 +54,28 @@ SSL_ROWS = {
     "noise": ("SimCLIC noise", dict(perturbation="noise")),
     "history_1view": ("SimCLIC history, 1 view", dict(perturbation="history", views=1)),
 }
+
+
+def write_validation_set(data_dir, path, first=1000, per_class=500):
+    """Decodes `per_class` CIFAR-10 training images per class, numbered from
+    `first` (the 10k file holds numbers 0-999), into an npz at `path`."""
+    with np.load(f"{data_dir}/cifar10_train_10k.npz") as pretraining:
+        class_names = list(pretraining["class_names"])
+        taken = set(pretraining["source_paths"])
+    images, labels, paths = [], [], []
+    with tarfile.open(f"{data_dir}/cifar10_train_jpeg.tar.gz") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            _, class_name, file_name = member.name.split("/")
+            if first <= int(Path(file_name).stem) < first + per_class:
+                assert member.name not in taken, member.name
+                # PIL, as the shared npz files were decoded (TF's JPEG decoder differs by a level).
+                images.append(np.asarray(Image.open(archive.extractfile(member)).convert("RGB")))
+                labels.append(class_names.index(class_name))
+                paths.append(member.name)
+    np.savez(path, x=np.stack(images), y=np.array(labels, np.int64),
+             class_names=np.array(class_names), source_paths=np.array(paths))
 
 
 def supervised_row(config, train_set, test_set):
@@ -75,17 +102,21 @@ def main():
                         help="comma-separated SSL rows to run (random init always runs)")
     parser.add_argument("--no-supervised", action="store_true", help="skip the supervised row")
     parser.add_argument("--validation", action="store_true",
-                        help="evaluate on 10 %% held out from the training file, not the test file")
+                        help="evaluate on 5,000 held-out CIFAR-10 training images, not the test file")
     parser.add_argument("--out", default="runs/accuracy_at_budget")
     add_config_flags(parser)
     args = parser.parse_args()
     given = config_from_args(args).to_dict()
     defaults = SimCLICConfig().to_dict()
     changed = {k: v for k, v in given.items() if v != defaults[k]}
+    eval_file = f"{args.data}/cifar10_test.npz"
+    if args.validation:
+        eval_file = f"{args.out}/cifar10_validation_5k.npz"
+        if not os.path.exists(eval_file):
+            os.makedirs(args.out, exist_ok=True)
+            write_validation_set(args.data, eval_file)
     base = SimCLICConfig(**{**defaults, **RECIPE, **changed}).replace(
-        dataset=f"npz:{args.data}/cifar10_train_10k.npz",
-        eval_dataset=None if args.validation else f"npz:{args.data}/cifar10_test.npz",
-        test_fraction=0.1)
+        dataset=f"npz:{args.data}/cifar10_train_10k.npz", eval_dataset=f"npz:{eval_file}")
 
     wanted = args.rows.split(",")
     unknown = set(wanted) - set(SSL_ROWS)
@@ -105,14 +136,13 @@ def main():
         train_set, test_set = data.load_train_and_eval(base)
         rows.insert(1, supervised_row(base, train_set, test_set))
 
-    train_images = 10000 if not args.validation else 9000
-    steps = base.epochs * (train_images // base.batch_size)
+    steps = base.epochs * (10000 // base.batch_size)
     lines = [
         f"ResNet-18 (CIFAR stem) width {base.width}, batch {base.batch_size}, {base.epochs} "
         f"epochs = {steps} steps, base lr {base.base_lr} (lr {base.learning_rate:g}), "
         f"warm-up {base.warmup_epochs} epochs, weight decay {base.weight_decay}, predictor lr "
         f"x{base.pred_lr_scale}{' fixed' if base.fix_pred_lr else ''}; kNN k={base.knn_k} "
-        f"t={base.knn_t}; evaluated on {'validation' if args.validation else 'cifar10_test'}",
+        f"t={base.knn_t}; evaluated on {os.path.basename(eval_file)}",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
