@@ -18,7 +18,7 @@ from simclic_tf import data
 from simclic_tf.callbacks import CollapseMonitor
 from simclic_tf.cli import choice_names, value_type
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
-from simclic_tf.evaluation import extract_features, knn_accuracy, linear_accuracy
+from simclic_tf.evaluation import evaluate_backbone
 from simclic_tf.registry import PERTURBATIONS
 from simclic_tf.run import build_model, pretrain_inputs
 
@@ -146,51 +146,38 @@ def validation_split(train_set, fraction, seed):
 
 
 class ValidationMonitor(keras.callbacks.Callback):
-    """The tuner's objective: weighted kNN accuracy of the backbone on the
-    held-out validation split (memory: the pretraining images and their
-    labels), as `val_knn_accuracy` in the epoch logs, after the last epoch
-    and every `every` epochs (0: last only); with `linear_epochs`, also a
-    linear classifier's accuracy after the last epoch, `val_linear_accuracy`.
-    `final` holds the last epoch's logs. Put it before
-    `keras.callbacks.TensorBoard` so the values reach TensorBoard."""
+    """The tuner's objective: the backbone's accuracy on the held-out
+    validation split (`evaluate_backbone`, memory: the pretraining images and
+    their labels), logged with a `val_` prefix: kNN after the last epoch and
+    every `config.knn_every` epochs (0: last only), and with `linear` a linear
+    classifier's after the last epoch. `final` holds the last epoch's logs.
+    Put it before `keras.callbacks.TensorBoard` so the values reach TensorBoard."""
 
-    def __init__(self, memory, validation, k=200, temperature=0.1, every=0,
-                 linear_epochs=0, seed=0):
+    def __init__(self, memory, validation, config, linear=False):
         super().__init__()
         self.memory = memory
         self.validation = validation
-        self.k = k
-        self.temperature = temperature
-        self.every = every
-        self.linear_epochs = linear_epochs
-        self.seed = seed
+        self.config = config.replace(finetune_epochs=0)
+        self.linear = linear
         self.final = None
 
     def evaluate(self, linear):
-        backbone = self.model.backbone
-        memory = extract_features(backbone, self.memory.images)
-        queries = extract_features(backbone, self.validation.images)
-        classes = self.memory.num_classes
-        results = {"val_knn_accuracy": knn_accuracy(
-            memory, self.memory.labels, queries, self.validation.labels, classes,
-            k=self.k, temperature=self.temperature)}
-        if linear:
-            results["val_linear_accuracy"] = linear_accuracy(
-                memory, self.memory.labels, queries, self.validation.labels, classes,
-                epochs=self.linear_epochs, seed=self.seed)
-        return results
+        config = self.config.replace(linear_epochs=self.config.linear_epochs if linear else 0)
+        results = evaluate_backbone(self.model.backbone, self.memory, self.validation, config)
+        return {f"val_{name}": value for name, value in results.items()}
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
         last = epoch + 1 == self.params["epochs"]
-        if last or (self.every and (epoch + 1) % self.every == 0):
-            logs.update(self.evaluate(linear=last and self.linear_epochs > 0))
+        every = self.config.knn_every
+        if last or (every and (epoch + 1) % every == 0):
+            logs.update(self.evaluate(linear=last and self.linear))
         if last:
             self.final = {key: float(value) for key, value in logs.items()}
 
     def on_train_end(self, logs=None):
         if self.final is None:  # resumed after the last epoch had finished
-            self.final = self.evaluate(linear=self.linear_epochs > 0)
+            self.final = self.evaluate(linear=self.linear)
 
 
 class SimCLICHyperModel(keras_tuner.HyperModel):
@@ -232,9 +219,8 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
         config = model.config
         keras.utils.set_random_seed(config.seed)
         _, pretrain = pretrain_inputs(config, self.train_set)
-        monitor = ValidationMonitor(
-            self.train_set, self.validation, config.knn_k, config.knn_t, config.knn_every,
-            config.linear_epochs if self.objective == "linear" else 0, config.seed)
+        monitor = ValidationMonitor(self.train_set, self.validation, config,
+                                    linear=self.objective == "linear")
         model.fit(pretrain, epochs=config.epochs, shuffle=False, verbose=self.verbose,
                   callbacks=[monitor, CollapseMonitor(config.proj_dim), *callbacks])
         return dict(monitor.final)
