@@ -76,6 +76,12 @@ def test_the_search_space_comes_from_the_config():
     stop_gradient = space("stop_gradient").space[0]
     assert isinstance(stop_gradient, keras_tuner.engine.hyperparameters.Boolean)
     assert stop_gradient.default is True
+    perturb = space("perturb", perturbation="noise").space
+    assert [p.name for p in perturb] == ["perturb"]
+    assert list(perturb[0].values) == list(FIELDS["perturb"].metadata["choices"])
+    assert perturb[0].default == "target"
+    with pytest.raises(ValueError, match="--perturbation none both branches .* history"):
+        space("perturb", perturbation="none")
 
     for name in PERTURBATIONS.names():
         perturbation = PERTURBATIONS.get(name)

@@ -24,8 +24,9 @@ from simclic_tf.run import build_model, pretrain_inputs
 
 FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
 
-# The paper's Tables 4 to 6, the perturbation type, and its strength.
-ABLATIONS = ("predictor", "stop_gradient", "loss", "perturbation", "strength")
+# The paper's Tables 4 to 6, the perturbation type, its strength, and the
+# branch it applies to (DESIGN.md leaves that to this ablation).
+ABLATIONS = ("predictor", "stop_gradient", "loss", "perturbation", "strength", "perturb")
 
 # Knobs that may be tuned alongside an ablation (`--tune`): searched on a log
 # scale over a decade either side of the configured value (clipped to the
@@ -45,6 +46,11 @@ def ablation_fields(ablation, config):
     if ablation not in ABLATIONS:
         raise ConfigError(f"--ablation {ablation!r} is not accepted; choose one of: "
                           f"{', '.join(ABLATIONS)}")
+    if ablation == "perturb" and config.perturbation == "none":
+        raise ConfigError(
+            "--ablation perturb: with --perturbation none both branches see the same z, so "
+            "target and online are one run; choose one of: "
+            f"{', '.join(name for name in PERTURBATIONS.names() if name != 'none')}")
     if ablation != "strength":
         return (ablation,)
     if PERTURBATIONS.get(config.perturbation).strength_range is None:

@@ -27,6 +27,8 @@ LABELS = {
     "loss": ("Effect of the loss D", {"cosine": "Cosine", "cross_entropy": "Cross-entropy"}),
     "perturbation": ("Effect of the perturbation P", {
         "none": "None (SimSiam)", "history": "History", "dropout": "Dropout", "noise": "Noise"}),
+    "perturb": ("Where P applies", {
+        "target": "Target branch", "online": "Online branch (before h)"}),
 }
 KINDS = (("knn", "kNN error %"), ("linear", "linear error %"))
 
