@@ -171,12 +171,12 @@ class RandomApply(keras.layers.Layer):
         return cls(**config)
 
 
-def build_augmentation(image_size, channels, blur=None, seed=None):
+def build_augmentation(image_size, channels, blur=None, crop_scale=CROP_SCALE, seed=None):
     """SimSiam's augmentation T for float32 batches in [0, 1].
 
-    Random resized crop (scale 0.2 to 1) to `image_size`, horizontal flip,
-    colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with p 0.2, and
-    Gaussian blur (sigma 0.1 to 2) with p 0.5 when `blur` is on; `blur=None`
+    Random resized crop (area fraction in `crop_scale`, SimSiam's 0.2 to 1)
+    to `image_size`, horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
+    p 0.8, grayscale with p 0.2, and Gaussian blur (sigma 0.1 to 2) with p 0.5 when `blur` is on; `blur=None`
     turns it on from `image_size` 96 (ImageNet-like) up, as SimSiam uses it
     only there. Single-channel images keep the crop, flip, brightness and
     contrast, and skip saturation, hue and grayscale, which need RGB.
@@ -185,6 +185,7 @@ def build_augmentation(image_size, channels, blur=None, seed=None):
         image_size: output side length, or an `(height, width)` pair.
         channels: 1 or 3, the channels of the images it will see.
         blur: True, False, or None for the resolution rule above.
+        crop_scale: (min, max) area fraction of the crop.
         seed: optional integer; layer k draws from seed + k, so that the
             layers' draws are not correlated.
     """
@@ -213,7 +214,7 @@ def build_augmentation(image_size, channels, blur=None, seed=None):
         jitter["hue_factor"] = 2 * JITTER["hue"]
     layers = [
         keras.Input((None, None, channels)),
-        RandomResizedCrop(height, width, seed=seeds[0], dtype=dtype),
+        RandomResizedCrop(height, width, crop_scale, seed=seeds[0], dtype=dtype),
         parallel_safe(keras.layers.RandomFlip("horizontal", seed=seeds[1], dtype=dtype)),
         RandomApply(
             parallel_safe(keras.layers.RandomColorJitter(

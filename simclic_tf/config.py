@@ -48,6 +48,9 @@ class SimCLICConfig:
         0.2, "fraction held out for evaluation when the dataset has no test split",
         range=(0.01, 0.9),
     )
+    crop_min_scale: float = knob(
+        0.2, "smallest area of the random resized crop, as a fraction of the image "
+        "(SimSiam's 0.2; tiny images may need more)", range=(0.01, 1.0))
     # Model.
     backbone: str = knob("resnet18_cifar", "encoder backbone", choices=BACKBONES)
     width: int = knob(64, "base channel width of the backbone", range=(1, 1024))

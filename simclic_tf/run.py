@@ -68,6 +68,7 @@ def pretrain_inputs(config, train_set):
     online probe needs them."""
     images = train_set.images
     augmentation = augment.build_augmentation(images.shape[1:3], images.shape[-1],
+                                              crop_scale=(config.crop_min_scale, 1.0),
                                               seed=config.seed)
     return augmentation, data.pretrain_dataset(
         images, config.batch_size, config.views, augmentation, seed=config.seed,

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclic_tf import SimCLICConfig
 from simclic_tf.augment import (
     ParallelSafeSeedGenerator, RandomApply, RandomResizedCrop, build_augmentation)
+from simclic_tf.data import ImageSet
+from simclic_tf.run import pretrain_inputs
 
 
 def random_images(n, size=32, channels=3, seed=0):
@@ -88,6 +91,20 @@ def test_crop_aspect_ratio_is_clipped_to_the_image():
     out = crop(horizontal_ramp(8)).numpy()[..., 0]
     # Width would be sqrt(2) of the image: clipped to the full width.
     np.testing.assert_allclose(out[:, :, -1] - out[:, :, 0], 1.0, atol=1e-5)
+
+
+def test_crop_min_scale_knob_sets_the_pretraining_crop():
+    ramps = horizontal_ramp(64)
+    train_set = ImageSet((ramps * 255).astype("uint8"), None, [])
+    spans = {}
+    for min_scale in (0.2, 1.0):
+        config = SimCLICConfig(crop_min_scale=min_scale, batch_size=8)
+        augmentation, _ = pretrain_inputs(config, train_set)
+        out = augmentation.layers[0](ramps).numpy()[..., 0]
+        spans[min_scale] = out[:, :, -1] - out[:, :, 0]
+    # Whole area: at most the 3/4 aspect ratio takes sqrt(3/4) of the width.
+    assert spans[1.0].min() >= np.sqrt(3 / 4) - 1e-3
+    assert spans[0.2].min() < 0.5
 
 
 def test_random_apply_probability():
