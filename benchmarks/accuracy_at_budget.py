@@ -46,13 +46,17 @@ COLUMNS = ("encoder", "knn_accuracy", "linear_accuracy", "final_z_std", "wall_se
 # learns much faster than the encoder (30x, held at its peak).
 RECIPE = dict(width=16, epochs=20, batch_size=128, base_lr=0.06, pred_lr_scale=30.0,
               fix_pred_lr=True, knn_every=5)
-# key: (row label, config changes); `views` and `perturbation` are all that differ.
+# key: (row label, config changes): only `perturbation`, `perturb` and `views` differ.
 SSL_ROWS = {
     "none": ("SimSiam (none)", dict(perturbation="none")),
     "history": ("SimCLIC history", dict(perturbation="history")),
     "dropout": ("SimCLIC dropout", dict(perturbation="dropout")),
     "noise": ("SimCLIC noise", dict(perturbation="noise")),
     "history_1view": ("SimCLIC history, 1 view", dict(perturbation="history", views=1)),
+    # The perturbation before the predictor instead of on the target: the
+    # variants that led SimSiam in the validation screening (README, Benchmarks).
+    "noise_online": ("SimCLIC noise, online", dict(perturbation="noise", perturb="online")),
+    "dropout_online": ("SimCLIC dropout, online", dict(perturbation="dropout", perturb="online")),
 }
 
 
