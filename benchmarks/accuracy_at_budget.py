@@ -126,6 +126,7 @@ def main():
     unknown = set(wanted) - set(SSL_ROWS)
     if unknown:
         parser.error(f"--rows: unknown {sorted(unknown)}; choose from {list(SSL_ROWS)}")
+    train_set, test_set = data.load_train_and_eval(base)
     rows = []
     for key in wanted:
         name, changes = SSL_ROWS[key]
@@ -137,10 +138,9 @@ def main():
                      "final_z_std": round(report["final_z_std"], 4),
                      "wall_seconds": round(report["train_seconds"])})
     if not args.no_supervised:
-        train_set, test_set = data.load_train_and_eval(base)
         rows.insert(1, supervised_row(base, train_set, test_set))
 
-    steps = base.epochs * (10000 // base.batch_size)
+    steps = base.epochs * (len(train_set) // base.batch_size)
     lines = [
         f"ResNet-18 (CIFAR stem) width {base.width}, batch {base.batch_size}, {base.epochs} "
         f"epochs = {steps} steps, base lr {base.base_lr} (lr {base.learning_rate:g}), "
