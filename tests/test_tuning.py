@@ -187,11 +187,13 @@ def test_a_predictor_search_resumes_and_writes_the_paper_table(tmp_path, monkeyp
 
 
 def test_without_stop_gradient_the_representation_collapses(tmp_path):
-    """SimSiam on a budget where the collapse is clear. Five runs (seeds 0 to 3)
-    gave z_std ratios of 0 to 0.44 and kNN errors of 34 to 90 % against 18 to
-    21 %. (The projector's output BatchNorm holds each dimension's batch variance
+    """SimSiam on a budget where the collapse is clear. Nine runs (seeds 0 to 3,
+    two machines; same-seed runs are not bit-identical) gave z_std ratios of
+    0 to 0.63 and kNN errors 13 to 70 points above the run with stop-gradient.
+    (The projector's output BatchNorm holds each dimension's batch variance
     at 1, so z_std rarely falls to 0: the l2-normalised rows can only align
-    up to a few of the batch pointing the other way.)"""
+    up to a few of the batch pointing the other way. The lost kNN accuracy
+    is the steadier sign.)"""
     run_dir = tmp_path / "search"
     assert search_module.main(TINY + [
         "--ablation", "stop_gradient", "--perturbation", "none", "--base-lr", "1.0",
@@ -200,9 +202,9 @@ def test_without_stop_gradient_the_representation_collapses(tmp_path):
     assert read_csv(run_dir / "results.csv")[0] == [
         "stop_gradient", "w/ stop-gradient", "w/o stop-gradient"]
     with_sg, without_sg = map(float, rows["final z_std"])
-    assert without_sg < 0.6 * with_sg
+    assert without_sg < 0.8 * with_sg
     error_with, error_without = map(float, rows["kNN error %"])
-    assert error_without > error_with
+    assert error_without > error_with + 10
     assert json.loads((run_dir / "best_config.json").read_text())["stop_gradient"] is True
 
 
