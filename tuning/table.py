@@ -13,6 +13,7 @@ import csv
 import math
 import os
 
+from simclic_tf.report import error_percent
 from tuning.hypermodel import objective_name
 
 # Display labels of the paper's columns, in the paper's order. The variants
@@ -33,8 +34,10 @@ LABELS = {
 KINDS = (("knn", "kNN error %"), ("linear", "linear error %"))
 
 
-def error_percent(accuracy):
-    return None if accuracy is None else 100.0 * (1.0 - accuracy)
+def optional_error(record, kind):
+    """The record's error % for `kind` (knn or linear), None when not measured."""
+    accuracy = record["metrics"].get(objective_name(kind))
+    return None if accuracy is None else error_percent(accuracy)
 
 
 def trial_records(oracle):
@@ -77,9 +80,8 @@ def discrete_table(ablation, variants, records, objective, collapse_threshold, e
     header = [ablation] + [labels.get(v, str(v)) for v in ordered]
     rows = []
     for kind, row_title in _kinds(records) or [(objective, KINDS[0][1])]:
-        rows.append([row_title] + [
-            None if r is None else error_percent(r["metrics"].get(objective_name(kind)))
-            for r in chosen])
+        rows.append([row_title] + [None if r is None else optional_error(r, kind)
+                                   for r in chosen])
     rows.append(["final z_std"] + [None if r is None else r["metrics"].get("z_std")
                                    for r in chosen])
     rows.append(["collapsed"] + [None if r is None or r["metrics"].get("z_std") is None
@@ -100,7 +102,7 @@ def continuous_table(title, fields, records, collapse_threshold):
         z_std = r["metrics"].get("z_std")
         rows.append(
             [r["values"].get(f) for f in fields]
-            + [error_percent(r["metrics"].get(objective_name(kind))) for kind, _ in kinds]
+            + [optional_error(r, kind) for kind, _ in kinds]
             + [z_std, None if z_std is None else ("yes" if z_std < collapse_threshold else "no"),
                r["trial_id"]])
     return title, header, rows
