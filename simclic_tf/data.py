@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,6 +35,9 @@ from simclic_tf.registry import Registry
 DATA_SOURCES = Registry("data source")
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 AUTOTUNE = tf.data.AUTOTUNE
+# tensorflow-datasets' mirror, which it tries first for every download.
+DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +282,10 @@ class TFDS(DataSource):
             raise DataError(f"{name!r} is neither a local form ({local_forms}) nor a "
                             f"tensorflow-datasets name{hint}") from None
         if not builder.is_prepared():
+            reason = unreachable(DOWNLOAD_HOST)
             try:
+                if reason:
+                    raise ConnectionError(reason)
                 builder.download_and_prepare()
             except Exception as error:  # offline, blocked, missing manual files, ...
                 where = data_dir or "the default ~/tensorflow_datasets"
@@ -290,6 +297,20 @@ class TFDS(DataSource):
                     "per class) or npz:PATH (arrays x, y)"
                 ) from error
         return builder
+
+
+def unreachable(address, timeout=5.0):
+    """Why (host, port) cannot be reached, or None when it can or a proxy is
+    set (then only the download itself can tell). Asked before a download:
+    offline, tensorflow-datasets retries ten times with backoff, about 3.5
+    minutes, before it gives up."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError as error:
+        return f"cannot reach {address[0]}: {error}"
+    return None
 
 
 def load_images(name, split="train", data_dir=None, image_size=None):

@@ -6,7 +6,6 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from keras import ops
 
 import train
@@ -104,9 +103,9 @@ def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
     assert int(model.optimizer.iterations) == 4 * steps
 
 
-def test_the_tfds_path_under_mock_data(tmp_path):
+def test_the_tfds_path_under_mock_data(tmp_path, mock_tfds):
     run_dir = tmp_path / "run"
-    with tfds.testing.mock_data(num_examples=160):
+    with mock_tfds(num_examples=160):
         assert train.main(TINY + ["--dataset", "cifar10", "--epochs", "1", "--batch-size", "32",
                                   "--knn-every", "0", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())

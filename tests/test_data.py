@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclic_tf import data as data_module
 from simclic_tf.augment import build_augmentation
 from simclic_tf.config import SimCLICConfig
 from simclic_tf.data import (
@@ -189,9 +190,8 @@ def test_dir_grey_images_and_mixed_sizes(tmp_path):
 # tensorflow-datasets
 
 
-def test_tfds_with_mock_data(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=12):
+def test_tfds_with_mock_data(tmp_path, mock_tfds):
+    with mock_tfds(num_examples=12):
         train = load_images("cifar10", "train", data_dir=str(tmp_path))
         test = load_images("cifar10", "test", data_dir=str(tmp_path), image_size=16)
     assert train.images.shape == (12, 32, 32, 3) and train.images.dtype == np.uint8
@@ -200,19 +200,52 @@ def test_tfds_with_mock_data(tmp_path):
     assert test.images.shape == (12, 16, 16, 3) and len(test.labels) == 12
 
 
-def test_tfds_offline_says_how_to_get_the_data(tmp_path, monkeypatch):
+def test_tfds_download_failure_says_how_to_get_the_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
 
-    def offline(*args, **kwargs):
+    def failed(*args, **kwargs):
         raise ConnectionError("network is unreachable")
 
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    monkeypatch.setattr(data_module, "unreachable", lambda address: None)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", failed)
     with pytest.raises(DataError) as error:
         load_images("cifar10", data_dir=str(tmp_path))
     message = str(error.value)
     for words in ["could not be downloaded", "network is unreachable",
                   "tfds build cifar10", "--data-dir", "dir:PATH", "npz:PATH"]:
         assert words in message
+
+
+def test_tfds_offline_fails_before_trying_to_download(tmp_path, monkeypatch):
+    """Without the check, tensorflow-datasets retries for minutes."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    downloads = []
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda *args, **kwargs: downloads.append(args))
+
+    def no_network(address, timeout):
+        raise OSError(f"[Errno -2] Name or service not known: {address[0]}")
+
+    monkeypatch.setattr(data_module.socket, "create_connection", no_network)
+    for variable in data_module.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(DataError, match="cannot reach storage.googleapis.com: .*Name or "
+                                        "service not known.*tfds build cifar10"):
+        load_images("cifar10", data_dir=str(tmp_path))
+    assert downloads == []
+
+
+def test_with_a_proxy_only_the_download_can_tell(monkeypatch):
+    def no_direct_route(address, timeout):
+        raise OSError("direct connections are blocked")
+
+    monkeypatch.setattr(data_module.socket, "create_connection", no_direct_route)
+    for variable in data_module.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    assert "direct connections are blocked" in data_module.unreachable(
+        data_module.DOWNLOAD_HOST)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert data_module.unreachable(data_module.DOWNLOAD_HOST) is None
 
 
 def test_unknown_name_is_neither_local_nor_tfds(tmp_path):

@@ -8,7 +8,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from simclic_tf import transfer
 from simclic_tf.backbones import build_backbone
@@ -32,9 +31,9 @@ def read_csv(out):
         return list(csv.reader(f))
 
 
-def test_tfds_names_under_mock_data(tmp_path, encoder_path, capsys):
+def test_tfds_names_under_mock_data(tmp_path, encoder_path, capsys, mock_tfds):
     out = tmp_path / "out"
-    with tfds.testing.mock_data(num_examples=200):
+    with mock_tfds(num_examples=200):
         # mnist is 28x28 grey: resized to 8x8 and repeated to the encoder's RGB.
         assert transfer.main(["--encoder", str(encoder_path),
                               "--datasets", "cifar10,mnist,hand=digits",
