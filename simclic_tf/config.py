@@ -141,6 +141,10 @@ class SimCLICConfig:
         "default: Keras's auto (on where a GPU is visible)")
     # Run.
     seed: int = knob(0, "random seed", range=(0, 2**31 - 1))
+    deterministic: bool = knob(
+        False, "bit-identical reruns of a seed on one machine: TensorFlow's op "
+        "determinism (augmentation then runs one batch at a time); on x86 CPUs set "
+        "TF_ENABLE_ONEDNN_OPTS=0 too")
     run_dir: str = knob("runs/latest", "directory for logs, checkpoints and report")
 
     def __post_init__(self):

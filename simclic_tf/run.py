@@ -12,6 +12,7 @@ initialisation), export and report, in one run directory:
     run_dir/*.png           training curves, augmented views, embedding map
 """
 
+import logging
 import os
 import time
 
@@ -25,6 +26,8 @@ from simclic_tf.evaluation import (evaluate_backbone, extract_features, labelled
                                    online_probe_accuracy)
 from simclic_tf.model import SimCLIC, build_optimizer
 from simclic_tf.report import write_report
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_run_dir(config, resume):
@@ -46,13 +49,29 @@ def prepare_run_dir(config, resume):
     return config
 
 
+def make_deterministic():
+    """Turns on TensorFlow's op determinism, for the rest of the process.
+
+    tf.data then runs the augmentation map one batch at a time, so the
+    augmentation layers' seed generators are read in batch order. oneDNN's CPU
+    kernels can still differ in the last bit now and then (1 run in 7 here);
+    TF_ENABLE_ONEDNN_OPTS=0, read when TensorFlow is imported, turns them off.
+    """
+    tf.config.experimental.enable_op_determinism()
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+        logger.warning("--deterministic: set TF_ENABLE_ONEDNN_OPTS=0 before the run "
+                       "for bit-identical results on x86 CPUs (oneDNN's kernels)")
+
+
 def build_model(config, train_set, strategy=None):
     """A compiled SimCLIC model for this config and training set: the
-    `--precision` policy set, model, optimizer and metrics created under
+    `--precision` policy and `--deterministic` set, model, optimizer and metrics created under
     `strategy.scope()` (default: the current strategy), `--jit` applied.
     model.fit then splits each global batch of `batch_size` across replicas."""
     strategy = strategy or tf.distribute.get_strategy()
     distribute.set_precision(config.precision)
+    if config.deterministic:
+        make_deterministic()
     steps_per_epoch = len(train_set) // config.batch_size
     num_classes = train_set.num_classes if train_set.labels is not None else None
     with strategy.scope():

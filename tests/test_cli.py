@@ -2,6 +2,10 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -12,6 +16,7 @@ import train
 from simclic_tf import run as run_module
 from simclic_tf.cli import add_config_flags, config_from_args
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32", "--pred-hidden", "8",
         "--batch-size", "64", "--linear-epochs", "5", "--knn-k", "20"]
 
@@ -148,3 +153,22 @@ def test_flags_are_the_config_fields_and_override_a_config_file(tmp_path):
         ["--config", str(tmp_path / "c.json"), "--width", "16", "--no-stop-gradient"]))
     assert (config.perturbation, config.width, config.stop_gradient) == ("noise", 16, False)
     assert np.isclose(config.base_lr, 0.03)
+
+
+def test_deterministic_reruns_are_bit_identical(tmp_path):
+    """Two runs of one seed write the same history and weights, bit for bit.
+    In subprocesses: op determinism stays on for the rest of a process, and
+    TF_ENABLE_ONEDNN_OPTS is read when TensorFlow is imported. (Without
+    --deterministic such runs end with different losses.)"""
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
+    run_dirs = [tmp_path / "first", tmp_path / "second"]
+    for run_dir in run_dirs:
+        subprocess.run([sys.executable, "train.py"] + TINY + [
+            "--dataset", "digits", "--epochs", "2", "--knn-every", "1", "--deterministic",
+            "--run-dir", str(run_dir)], cwd=ROOT, env=env, check=True, capture_output=True)
+    first, second = ((d / "history.csv").read_text() for d in run_dirs)
+    assert first == second and len(first.splitlines()) == 3
+    weights = [keras.models.load_model(d / "model.keras").get_weights() for d in run_dirs]
+    assert len(weights[0]) == len(weights[1])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
