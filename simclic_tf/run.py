@@ -65,9 +65,10 @@ def make_deterministic():
 
 def build_model(config, train_set, strategy=None):
     """A compiled SimCLIC model for this config and training set: the
-    `--precision` policy and `--deterministic` set, model, optimizer and metrics created under
-    `strategy.scope()` (default: the current strategy), `--jit` applied.
-    model.fit then splits each global batch of `batch_size` across replicas."""
+    `--precision` policy and `--deterministic` set, model, optimizer and
+    metrics created under `strategy.scope()` (default: the current strategy),
+    `--jit` applied. model.fit then splits each global batch of `batch_size`
+    across replicas."""
     strategy = strategy or tf.distribute.get_strategy()
     distribute.set_precision(config.precision)
     if config.deterministic:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -172,3 +173,18 @@ def test_deterministic_reruns_are_bit_identical(tmp_path):
     assert len(weights[0]) == len(weights[1])
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
+
+
+def test_deterministic_asks_for_onednn_off_when_it_is_on(monkeypatch, caplog):
+    enabled = []
+    monkeypatch.setattr(run_module.tf.config.experimental, "enable_op_determinism",
+                        lambda: enabled.append(True))
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="simclic_tf.run"):
+        run_module.make_deterministic()
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+        run_module.make_deterministic()
+    assert enabled == [True, True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "--deterministic: set TF_ENABLE_ONEDNN_OPTS=0 before the run for bit-identical "
+        "results on x86 CPUs (oneDNN's kernels)"]
