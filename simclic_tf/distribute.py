@@ -56,14 +56,8 @@ def make_strategy(name="auto"):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
+        if not cluster_config():
             logger.warning("--strategy multi_worker without TF_CONFIG: one worker")
-        else:
-            try:
-                json.loads(os.environ["TF_CONFIG"])
-            except ValueError as error:
-                raise ConfigError(f"{flag('strategy')} multi_worker: TF_CONFIG is not JSON "
-                                  f"({error})")
         return tf.distribute.MultiWorkerMirroredStrategy()
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -75,6 +69,32 @@ def make_strategy(name="auto"):
             "TPU_NAME or run on a TPU VM, or choose --strategy auto, default, mirrored "
             "or multi_worker") from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+def cluster_config():
+    """The TF_CONFIG environment variable, parsed ({} when it is unset)."""
+    if "TF_CONFIG" not in os.environ:
+        return {}
+    try:
+        return json.loads(os.environ["TF_CONFIG"])
+    except ValueError as error:
+        raise ConfigError(f"TF_CONFIG is not JSON ({error}); see --strategy multi_worker "
+                          "in the README's Scale section") from None
+
+
+def worker_subdir():
+    """"" for the chief of the TF_CONFIG cluster (task "chief", else worker 0)
+    or without a cluster; "<type>_<index>" for every other task. Every worker
+    runs the same callbacks, export and report, so the others write theirs
+    into that subdirectory of the run directory instead of over the chief's
+    (Keras's advice for checkpoints under MultiWorkerMirroredStrategy)."""
+    config = cluster_config()
+    task = config.get("task", {})
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind in (None, "chief") or (kind == "worker" and index == 0
+                                   and "chief" not in config.get("cluster", {})):
+        return ""
+    return f"{kind}_{index}"
 
 
 def set_precision(name):

@@ -115,7 +115,11 @@ def draw_results(model, queries, run_dir):
 
 
 def run(config, resume=False):
-    """Runs the job and returns the report dict (also written to run_dir)."""
+    """Runs the job and returns the report dict (also written to run_dir, or
+    on a multi-worker cluster's non-chief tasks to its worker subdirectory)."""
+    subdir = distribute.worker_subdir()
+    if subdir:
+        config = config.replace(run_dir=os.path.join(config.run_dir, subdir))
     config = prepare_run_dir(config, resume)
     strategy = distribute.make_strategy(config.strategy)  # Before other TF work.
     keras.utils.set_random_seed(config.seed)

@@ -163,19 +163,15 @@ def free_ports(count):
     return ports
 
 
-def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
-    """Two MultiWorkerMirroredStrategy processes on 127.0.0.1, a few steps on
-    digits: both workers end with the same (non-trivial) buffer, holding the
-    writes of the whole global batch. Wall times are printed, not asserted."""
-    import time
+def run_two_workers(arguments, timeout=240):
+    """Runs `arguments(i)` (a command line after the interpreter) as worker i
+    of a two-worker MultiWorkerMirroredStrategy cluster on 127.0.0.1, both at
+    once; asserts both succeed."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    script = os.path.join(HERE, "multi_worker.py")
-    outs = [tmp_path / f"worker{i}.npz" for i in range(2)]
-    start = time.time()
     processes = [
         subprocess.Popen(
-            [sys.executable, script, str(outs[i]), "--steps", "6"], cwd=ROOT,
+            [sys.executable, *map(str, arguments(i))], cwd=ROOT,
             env={**env, "TF_CONFIG": json.dumps(
                 {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -183,15 +179,26 @@ def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
     logs = []
     try:
         for process in processes:
-            logs.append(process.communicate(timeout=240)[0])
+            logs.append(process.communicate(timeout=timeout)[0])
     finally:
         for process in processes:  # Never leave a worker behind (a hang, a failure).
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    two_workers = time.time() - start
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-5000:]
+
+
+def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
+    """Two MultiWorkerMirroredStrategy processes on 127.0.0.1, a few steps on
+    digits: both workers end with the same (non-trivial) buffer, holding the
+    writes of the whole global batch. Wall times are printed, not asserted."""
+    import time
+    script = os.path.join(HERE, "multi_worker.py")
+    outs = [tmp_path / f"worker{i}.npz" for i in range(2)]
+    start = time.time()
+    run_two_workers(lambda i: [script, outs[i], "--steps", "6"])
+    two_workers = time.time() - start
     start = time.time()
     check(run_helper("multi_worker.py", [tmp_path / "single.npz", "--steps", "6"],
                      timeout=240))
@@ -205,3 +212,42 @@ def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
     print(f"\n6 steps on digits, batch 32: two workers {two_workers:.1f} s "
           f"(training {float(first['seconds']):.1f} s), one worker {one_worker:.1f} s "
           f"(training {float(np.load(tmp_path / 'single.npz')['seconds']):.1f} s)")
+
+
+def test_train_py_on_two_workers_writes_one_run_directory(tmp_path):
+    """train.py on each worker with the same --run-dir (shared storage): the
+    chief (worker 0) writes the run directory, worker 1 its own worker_1/
+    inside it; neither refuses the other's files or writes over them."""
+    run_dir = tmp_path / "run"
+    run_two_workers(lambda i: [
+        "train.py", "--strategy", "multi_worker", "--sync-bn", "--kernel-impl", "tf",
+        "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "16",
+        "--pred-hidden", "8", "--batch-size", "32", "--epochs", "2", "--knn-every", "0",
+        "--linear-epochs", "2", "--run-dir", run_dir])
+    for directory in (run_dir, run_dir / "worker_1"):
+        report = json.loads((directory / "report.json").read_text())
+        assert report["config"]["run_dir"] == str(directory)
+        assert (directory / "model.keras").exists()
+        assert len((directory / "history.csv").read_text().splitlines()) == 3
+    assert not (run_dir / "worker_0").exists()
+
+
+@pytest.mark.parametrize("cluster, task, subdir", [
+    (None, None, ""),
+    ({"worker": ["a:1", "b:2"]}, {"type": "worker", "index": 0}, ""),
+    ({"worker": ["a:1", "b:2"]}, {"type": "worker", "index": 1}, "worker_1"),
+    ({"chief": ["c:0"], "worker": ["a:1"]}, {"type": "chief", "index": 0}, ""),
+    ({"chief": ["c:0"], "worker": ["a:1"]}, {"type": "worker", "index": 0}, "worker_0"),
+])
+def test_only_the_chief_writes_the_run_directory_itself(monkeypatch, cluster, task, subdir):
+    if cluster is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+    assert distribute.worker_subdir() == subdir
+
+
+def test_tf_config_that_is_not_json_is_named(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "{'cluster': ")
+    with pytest.raises(ConfigError, match="TF_CONFIG is not JSON .*--strategy multi_worker"):
+        distribute.worker_subdir()
