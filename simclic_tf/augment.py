@@ -178,8 +178,9 @@ def build_augmentation(image_size, channels, blur=None, crop_scale=CROP_SCALE, s
     to `image_size`, horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
     p 0.8, grayscale with p 0.2, and Gaussian blur (sigma 0.1 to 2) with p 0.5
     when `blur` is on; `blur=None` turns it on from `image_size` 96
-    (ImageNet-like) up, as SimSiam uses it only there. Single-channel images keep the crop, flip, brightness and
-    contrast, and skip saturation, hue and grayscale, which need RGB.
+    (ImageNet-like) up, as SimSiam uses it only there. Single-channel images
+    keep the crop, flip, brightness and contrast, and skip saturation, hue and
+    grayscale, which need RGB.
 
     Args:
         image_size: output side length, or an `(height, width)` pair.
