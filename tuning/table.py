@@ -40,6 +40,13 @@ def optional_error(record, kind):
     return None if accuracy is None else error_percent(accuracy)
 
 
+def collapsed(record, threshold):
+    """"yes" when the record's final z_std is below `threshold`, else "no";
+    None when z_std was not measured."""
+    z_std = record["metrics"].get("z_std")
+    return None if z_std is None else ("yes" if z_std < threshold else "no")
+
+
 def trial_records(oracle):
     """Records of every trial the oracle has started, in start order."""
     records = []
@@ -84,9 +91,8 @@ def discrete_table(ablation, variants, records, objective, collapse_threshold, e
                                    for r in chosen])
     rows.append(["final z_std"] + [None if r is None else r["metrics"].get("z_std")
                                    for r in chosen])
-    rows.append(["collapsed"] + [None if r is None or r["metrics"].get("z_std") is None
-                                 else ("yes" if r["metrics"]["z_std"] < collapse_threshold
-                                       else "no") for r in chosen])
+    rows.append(["collapsed"] + [None if r is None else collapsed(r, collapse_threshold)
+                                 for r in chosen])
     for name in extra:
         rows.append([name] + [None if r is None else r["values"].get(name) for r in chosen])
     rows.append(["trial"] + [None if r is None else r["trial_id"] for r in chosen])
@@ -99,12 +105,10 @@ def continuous_table(title, fields, records, collapse_threshold):
     header = list(fields) + [t for _, t in kinds] + ["final z_std", "collapsed", "trial"]
     rows = []
     for r in sorted(completed(records), key=lambda r: [r["values"].get(f) for f in fields]):
-        z_std = r["metrics"].get("z_std")
         rows.append(
             [r["values"].get(f) for f in fields]
             + [optional_error(r, kind) for kind, _ in kinds]
-            + [z_std, None if z_std is None else ("yes" if z_std < collapse_threshold else "no"),
-               r["trial_id"]])
+            + [r["metrics"].get("z_std"), collapsed(r, collapse_threshold), r["trial_id"]])
     return title, header, rows
 
 
