@@ -118,6 +118,87 @@ class Digits(DataSource):
         return ImageSet(images, digits.target.astype(np.int64), [str(i) for i in range(10)])
 
 
+@DATA_SOURCES.register("shapes")
+class Shapes(DataSource):
+    """Ten classes of shapes (disc, square, triangle, ...) drawn on the fly by
+    NumPy: no file, no download, the same images for a seed on every machine.
+
+    The embedded default dataset. Each image has its own position, size,
+    rotation, brightness, background gradient and pixel noise, so a random
+    ResNet's features group images by those nuisances (kNN about 27 % at
+    16 px) and pretraining has invariances to learn: a main job that shows
+    learning in minutes on a CPU. The 8x8 `digits` cannot: a random ResNet
+    already reaches 84 % kNN on them.
+    """
+
+    usage = "shapes"
+    takes_argument = False
+    class_names = ["disc", "square", "triangle", "ring", "plus", "diamond", "bar",
+                   "star", "half-disc", "frame"]
+    counts = {"train": 3000, "test": 1000}
+    side = 16
+
+    def load(self, argument, split, data_dir, size):
+        if split not in self.counts:
+            raise DataError(f"'shapes' has the splits {sorted(self.counts)}, not {split!r}")
+        height, width = size or (self.side, self.side)
+        images, labels = draw_shapes(self.counts[split], height, width,
+                                     seed=sorted(self.counts).index(split))
+        return ImageSet(images, labels, list(self.class_names))
+
+    def test_split(self, argument, data_dir):
+        return "test"
+
+
+def shape_masks(u, v):
+    """Whether each point (u, v), in the shape's own frame scaled to its radius,
+    lies inside each of the ten shapes, in `Shapes.class_names` order."""
+    r, box = np.hypot(u, v), np.maximum(abs(u), abs(v))
+    return [r < 1, box < 0.8, (v > -0.5) & (abs(u) < (1 - v) * 0.577),
+            (r > 0.55) & (r < 1), ((abs(u) < 0.3) | (abs(v) < 0.3)) & (box < 1),
+            abs(u) + abs(v) < 1, (abs(u) < 1) & (abs(v) < 0.35),
+            r < 0.6 + 0.4 * np.cos(5 * np.arctan2(v, u)), (r < 1) & (v > 0),
+            (box < 0.85) & (box > 0.5)]
+
+
+def draw_shapes(count, height, width, seed):
+    """(uint8 images (count, height, width, 3), int64 labels), classes balanced.
+    Shapes are rendered at twice the size and averaged down, for soft edges."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(count) % len(Shapes.class_names))
+    side = min(height, width)
+
+    def draw(*shape, low=0.0, high=1.0):
+        return rng.uniform(low, high, (count,) + shape)
+
+    centre = draw(2, 1, 1, low=0.3, high=0.7) * np.array([width, height])[:, None, None]
+    radius = draw(1, 1, low=0.2, high=0.4) * side
+    angle = draw(1, 1, low=-0.3, high=0.3)
+    ys, xs = np.meshgrid((np.arange(2 * height) + 0.5) / 2, (np.arange(2 * width) + 0.5) / 2,
+                         indexing="ij")
+    dx, dy = xs - centre[:, 0], ys - centre[:, 1]
+    u = (np.cos(angle) * dx + np.sin(angle) * dy) / radius
+    v = (np.cos(angle) * dy - np.sin(angle) * dx) / radius
+    inside = np.zeros(u.shape, np.float32)
+    for label, mask in enumerate(shape_masks(u, v)):
+        rows = labels == label
+        inside[rows] = mask[rows]
+    coverage = inside.reshape(count, height, 2, width, 2).mean(axis=(2, 4))[..., None]
+    # A light shape on a dark, shaded background, both tinted alike: brightness,
+    # contrast and tint vary within the colour jitter's range, so that colour
+    # tells one image from another no better than the augmentation allows.
+    tint = draw(1, 1, 3, low=0.8, high=1.2)
+    foreground = draw(1, 1, 1, low=0.6, high=0.95) * tint
+    background = draw(1, 1, 1, low=0.05, high=0.4) * tint
+    direction = draw(1, 1, high=2 * np.pi)
+    ramp = (np.cos(direction) * (xs[::2, ::2] / width - 0.5)
+            + np.sin(direction) * (ys[::2, ::2] / height - 0.5))
+    background = background * (1 + draw(1, 1, high=0.8) * ramp)[..., None]
+    pixels = coverage * foreground + (1 - coverage) * background
+    pixels += rng.normal(0, 0.05, pixels.shape)
+    return (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
 @DATA_SOURCES.register("npz")
 class Npz(DataSource):
     """A NumPy .npz: `x` uint8 (N, H, W, C) or (N, H, W), optional `y` and `class_names`."""
