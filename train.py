@@ -1,6 +1,6 @@
 """Pretrain a SimCLIC encoder, evaluate it and write a report.
 
-    python train.py                       # digits, ships with scikit-learn
+    python train.py                       # shapes, drawn on the fly
     python train.py --dataset cifar100    # via tensorflow-datasets
     python train.py --run-dir runs/a --resume
 """
@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from simclic_tf.cli import add_config_flags, config_from_args  # noqa: E402
 from simclic_tf.config import ConfigError  # noqa: E402
 from simclic_tf.data import DataError  # noqa: E402
-from simclic_tf.report import markdown  # noqa: E402
+from simclic_tf.report import error_table, verdict  # noqa: E402
 from simclic_tf.run import run  # noqa: E402
 
 
@@ -29,7 +29,9 @@ def main(argv=None):
         report = run(config_from_args(args), resume=args.resume)
     except (ConfigError, DataError) as error:
         parser.error(str(error))
-    print(markdown(report))
+    # The verdict first: the last lines a user sees say whether it learned.
+    print("\n" + verdict(report), *error_table(report),
+          f"Report: {os.path.join(report['config']['run_dir'], 'report.md')}", sep="\n")
     return 0
 
 

@@ -13,19 +13,46 @@ def error_percent(accuracy):
     return 100.0 * (1.0 - accuracy)
 
 
-def markdown(report):
+def verdict(report):
+    """One sentence: whether pretraining beat the same encoder at random
+    initialisation (kNN accuracy up and linear accuracy not down), by how
+    much, against chance, and what to try when it did not."""
+    pretrained, random_init = report["pretrained"], report["random_init"]
+    moves = []
+    for key, name in (("knn_accuracy", "kNN"), ("linear_accuracy", "linear")):
+        if key in pretrained:
+            before, after = 100 * random_init[key], 100 * pretrained[key]
+            moves.append((name, before, after, after - before))
+    improved = moves[0][3] > 0 and all(gain >= 0 for *_, gain in moves)
+    change = " and ".join(f"{name} accuracy from {before:.1f} % to {after:.1f} % "
+                          f"({gain:+.1f} points)" for name, before, after, gain in moves)
+    classes = report["data"]["num_classes"]
+    chance = f"chance is {100 / classes:.1f} % ({classes} classes)"
+    if improved:
+        return (f"Pretraining improved the encoder: it moved {change}; {chance}. "
+                "The tables give error rates: lower is better.")
+    return (f"Pretraining did not improve the encoder: it moved {change}; {chance}. "
+            "Try more --epochs or a shipped preset (--recipe cpu on a CPU, --recipe cifar "
+            "on a GPU). The tables give error rates: lower is better.")
+
+
+def error_table(report):
+    """The markdown table of error rates, pretrained against random initialisation."""
     config = report["config"]
     columns = [(key, title.format(**config)) for key, title in METRICS
                if key in report["pretrained"]]
-    lines = [
-        f"# SimCLIC run: {config['dataset']}",
-        "",
-        "| encoder | " + " | ".join(title for _, title in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
+    lines = ["| encoder | " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for label, key in (("pretrained", "pretrained"), ("random initialisation", "random_init")):
         cells = [f"{error_percent(report[key][metric]):.2f}" for metric, _ in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(report):
+    config = report["config"]
+    lines = [f"# SimCLIC run: {config['dataset']}", "", verdict(report), ""]
+    lines += error_table(report)
     collapsed = report["collapsed_at_epoch"]
     if "online_probe_accuracy" in report:
         lines += ["", "Online linear probe (trained during pretraining on augmented views, "
@@ -40,6 +67,11 @@ def markdown(report):
         f" test images of shape {report['data']['image_shape']}",
         f"- pretraining wall time {report['train_seconds']:.0f} s",
     ]
+    if report.get("derived"):
+        lines.append(f"- derived from the run's length ({report['steps']} steps; give the "
+                     "flag to override): " + ", ".join(
+                         f"--{name.replace('_', '-')} {value}"
+                         for name, value in sorted(report["derived"].items())))
     if report.get("pictures"):
         lines += ["", "## Pictures", ""] + [
             f"![{title}]({name})" for title, name in report["pictures"].items()]

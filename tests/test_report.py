@@ -1,0 +1,50 @@
+"""The report's verdict: one sentence that says whether pretraining helped."""
+
+import re
+
+import pytest
+
+from simclic_tf import SimCLICConfig
+from simclic_tf.report import markdown, verdict
+
+
+def report_with(knn, linear, random_knn, random_linear, num_classes=10):
+    return {
+        "config": SimCLICConfig(pred_lr_scale=30.0).to_dict(),
+        "data": {"train_images": 3000, "test_images": 1000, "image_shape": [16, 16, 3],
+                 "num_classes": num_classes},
+        "pretrained": {"knn_accuracy": knn, "linear_accuracy": linear},
+        "random_init": {"knn_accuracy": random_knn, "linear_accuracy": random_linear},
+        "final_loss": -0.5, "final_z_std": 0.044, "collapsed_at_epoch": None, "train_seconds": 100.0, "steps": 460,
+        "derived": {"pred_lr_scale": 30.0},
+    }
+
+
+def percents(sentence):
+    return [float(x) for x in re.findall(r"(-?[+]?\d+\.\d) (?:%|points)", sentence)]
+
+
+def test_the_verdict_of_a_run_that_learned_gives_its_numbers():
+    sentence = verdict(report_with(0.312, 0.45, 0.272, 0.41))
+    assert sentence.startswith("Pretraining improved the encoder")
+    assert percents(sentence) == [27.2, 31.2, 4.0, 41.0, 45.0, 4.0, 10.0]
+    assert "lower is better" in sentence and "--recipe" not in sentence
+
+
+@pytest.mark.parametrize("knn, linear", [(0.25, 0.45), (0.30, 0.40), (0.272, 0.41)])
+def test_the_verdict_of_a_run_that_did_not_learn_says_so_and_what_to_try(knn, linear):
+    sentence = verdict(report_with(knn, linear, 0.272, 0.41, num_classes=4))
+    assert sentence.startswith("Pretraining did not improve the encoder")
+    assert percents(sentence)[:2] == [27.2, round(100 * knn, 1)]
+    assert "chance is 25.0 % (4 classes)" in sentence
+    assert "--epochs" in sentence and "--recipe cpu" in sentence
+    assert "lower is better" in sentence
+
+
+def test_the_report_opens_with_the_verdict_and_lists_the_derived_knobs():
+    report = report_with(0.312, 0.45, 0.272, 0.41)
+    lines = markdown(report).splitlines()
+    assert lines[0] == "# SimCLIC run: shapes"
+    assert lines[2] == verdict(report)
+    assert lines[4].startswith("| encoder |") and "| pretrained | 68.80 | 55.00 |" in lines
+    assert any("460 steps" in line and "--pred-lr-scale 30.0" in line for line in lines)
