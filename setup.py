@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["simclic_tf", "simclic_tf.*", "kernels", "tuning"]),
     # The C++ custom ops ship as source, compiled on first use (kernels/build.py).
-    package_data={"kernels": ["cc/*.cc", "cc/*.h"]},
+    package_data={"kernels": ["cc/*.cc", "cc/*.h"], "simclic_tf": ["recipes/*.json"]},
     py_modules=["train"],
     python_requires=">=3.10",
     install_requires=[

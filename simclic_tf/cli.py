@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import typing
 
-from simclic_tf.config import SimCLICConfig, flag
+from simclic_tf.config import RECIPE_DIR, SimCLICConfig, flag, recipe_names
 
 
 _FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
@@ -37,11 +37,17 @@ def add_config_flag(parser, name, default=None):
 
 
 def add_config_flags(parser):
-    """One flag per config field, and `--config`. Defaults are None so that
-    only the flags given on the command line override a `--config` file."""
+    """One flag per config field, `--recipe` and `--config`. Defaults are None
+    so that only the flags given on the command line override a preset or a
+    `--config` file."""
     for name in _FIELDS:
         add_config_flag(parser, name)
-    parser.add_argument("--config", help="JSON config file; flags given override it")
+    parser.add_argument(
+        "--recipe", choices=recipe_names(), metavar="NAME",
+        help=f"start from a shipped preset, one of: {', '.join(recipe_names())} (the "
+        f"JSON files in {RECIPE_DIR}: copy one, edit it, pass it as --config)")
+    parser.add_argument("--config", help="JSON config file (all knobs or some) over the "
+                        "preset; flags given override both")
     return parser
 
 
@@ -50,10 +56,16 @@ def choice_names(choices):
     return choices.names() if hasattr(choices, "names") else choices
 
 
+def base_config(args):
+    """The defaults, then `--recipe`, then `--config`: what the flags override."""
+    config = SimCLICConfig.recipe(args.recipe) if args.recipe else SimCLICConfig()
+    return SimCLICConfig.load(args.config, config) if args.config else config
+
+
 def config_from_args(args):
-    """The config a parsed command line asks for: defaults, then `--config`,
-    then the flags given explicitly."""
-    config = SimCLICConfig.load(args.config) if args.config else SimCLICConfig()
+    """The config a parsed command line asks for: `base_config`, then the
+    flags given explicitly."""
+    config = base_config(args)
     given = {field.name: getattr(args, field.name) for field in dataclasses.fields(SimCLICConfig)
              if getattr(args, field.name) is not None}
     return config.replace(**given)

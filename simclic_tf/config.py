@@ -7,6 +7,8 @@ metadata (`help`, `choices`, `range`), so a knob is declared exactly once.
 
 import dataclasses
 import json
+import math
+from pathlib import Path
 from typing import Optional
 
 from simclic_tf.registry import BACKBONES, LOSSES, PERTURBATIONS, PREDICTORS
@@ -32,7 +34,8 @@ def flag(name):
 class SimCLICConfig:
     # Data.
     dataset: str = knob(
-        "digits", "tfds name, dir:PATH, npz:PATH, or digits (ships with scikit-learn)"
+        "shapes", "tfds name, dir:PATH, npz:PATH, shapes (drawn on the fly) or digits "
+        "(ships with scikit-learn)"
     )
     eval_dataset: Optional[str] = knob(
         None,
@@ -53,7 +56,8 @@ class SimCLICConfig:
         "(SimSiam's 0.2; tiny images may need more)", range=(0.01, 1.0))
     # Model.
     backbone: str = knob("resnet18_cifar", "encoder backbone", choices=BACKBONES)
-    width: int = knob(64, "base channel width of the backbone", range=(1, 1024))
+    width: int = knob(16, "base channel width of the backbone (16 runs on a CPU; the "
+                      "paper's ResNet-18 is 64: --recipe cifar)", range=(1, 1024))
     bn_momentum: float = knob(
         0.9, "BatchNorm moving-average momentum in Keras terms (PyTorch's default "
         "0.1 is Keras 0.9; Keras's own 0.99 warms up too slowly for short runs)",
@@ -61,8 +65,10 @@ class SimCLICConfig:
     )
     zero_init_residual: bool = knob(
         False, "start each residual block as the identity (its last BatchNorm scale 0)")
-    proj_dim: int = knob(2048, "projector hidden and output size", range=(8, 65536))
-    pred_hidden: int = knob(512, "predictor bottleneck size", range=(8, 65536))
+    proj_dim: int = knob(512, "projector hidden and output size (sized for width 16; "
+                         "the paper's 2048 goes with width 64)", range=(8, 65536))
+    pred_hidden: int = knob(128, "predictor bottleneck size (the paper's 512 goes with "
+                            "--proj-dim 2048)", range=(8, 65536))
     predictor: str = knob("mlp2", "predictor h", choices=PREDICTORS)
     perturbation: str = knob(
         "history", "how the target view is built from z", choices=PERTURBATIONS
@@ -72,6 +78,9 @@ class SimCLICConfig:
         "perturbation strength: history mix a, dropout rate, or noise scale s; "
         "default: the perturbation's own",
     )
+    strength_ramp: float = knob(
+        0.0, "fraction of the epochs over which the history mix a ramps linearly from 0 "
+        "(SimSiam's target) up to --strength; 0: a constant strength", range=(0.0, 1.0))
     history_momentum: float = knob(
         0.0, "history buffer momentum m in H[i] <- m H[i] + (1-m) z", range=(0.0, 0.999)
     )
@@ -92,7 +101,7 @@ class SimCLICConfig:
     # Optimisation.
     batch_size: int = knob(128, "global batch size", range=(2, 1 << 20))
     epochs: int = knob(20, "pretraining epochs", range=(1, 100000))
-    base_lr: float = knob(0.03, "learning rate at batch 256 (lr = base_lr * B / 256)",
+    base_lr: float = knob(0.06, "learning rate at batch 256 (lr = base_lr * B / 256)",
                           range=(0.0, 100.0))
     momentum: float = knob(0.9, "SGD momentum", range=(0.0, 0.999))
     weight_decay: float = knob(
@@ -100,10 +109,12 @@ class SimCLICConfig:
         range=(0.0, 1.0),
     )
     warmup_epochs: int = knob(0, "linear learning-rate warm-up epochs", range=(0, 100000))
-    pred_lr_scale: float = knob(
-        1.0, "predictor learning rate as a multiple of the encoder's", range=(0.0, 1000.0))
+    pred_lr_scale: Optional[float] = knob(
+        None, "predictor learning rate as a multiple of the encoder's; default: derived "
+        "from the run's length (30 up to 1,560 steps, falling to 1 by 300,000)",
+        range=(0.0, 1000.0))
     fix_pred_lr: bool = knob(
-        False, "hold the predictor's learning rate at its peak while the encoder's "
+        True, "hold the predictor's learning rate at its peak while the encoder's "
         "decays (SimSiam's setting)")
     # Evaluation.
     knn_k: int = knob(200, "neighbours in the weighted kNN", range=(1, 100000))
@@ -192,6 +203,23 @@ class SimCLICConfig:
                     f"--strength {self.strength} is out of range for "
                     f"--perturbation {self.perturbation}; accepted: {low} to {high}"
                 )
+        if self.strength_ramp and not PERTURBATIONS.get(self.perturbation).rampable:
+            rampable = [name for name in PERTURBATIONS.names()
+                        if PERTURBATIONS.get(name).rampable]
+            raise ConfigError(
+                f"--strength-ramp is not accepted with --perturbation {self.perturbation}; "
+                f"it ramps the history mix of: {', '.join(rampable)}")
+
+    def for_budget(self, steps_per_epoch):
+        """(this config with every budget-derived knob left at None filled in,
+        {knob: derived value}). A derived value is what `derive_pred_lr_scale`
+        gives for `epochs * steps_per_epoch` optimizer steps; a value given
+        explicitly is kept."""
+        total_steps = self.epochs * steps_per_epoch
+        derived = {}
+        if self.pred_lr_scale is None:
+            derived["pred_lr_scale"] = derive_pred_lr_scale(total_steps)
+        return self.replace(**derived), derived
 
     @property
     def learning_rate(self):
@@ -205,24 +233,57 @@ class SimCLICConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values):
+    def from_dict(cls, values, base=None):
+        """`base` (default: the defaults) with the keys of `values` replaced."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
                 f"unknown config keys {unknown}; accepted: {', '.join(sorted(known))}"
             )
-        return cls(**values)
+        return (base or cls()).replace(**values)
 
     def save(self, path):
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
-    def load(cls, path):
+    def recipe(cls, name):
+        """The config of the shipped preset `name`: `recipes/NAME.json` over the defaults."""
+        if name not in recipe_names():
+            raise ConfigError(f"--recipe {name!r} is not a shipped preset; choose one of: "
+                              f"{', '.join(recipe_names())}")
+        return cls.load(RECIPE_DIR / f"{name}.json")
+
+    @classmethod
+    def load(cls, path, base=None):
+        """The JSON config file at `path` (all knobs or some) over `base`."""
         try:
             with open(path) as f:
                 values = json.load(f)
         except (OSError, json.JSONDecodeError) as error:
             raise ConfigError(f"--config {path}: cannot read a JSON config ({error})")
-        return cls.from_dict(values)
+        return cls.from_dict(values, base)
+
+
+# Short runs learn only if the predictor adapts much faster than the encoder
+# (30x, measured at 780 and 1,560 steps on CIFAR-10: README, Benchmarks); the
+# published 800-epoch SimSiam recipe (about 300,000 steps) uses 1x. Between
+# the two anchors the factor falls as a power law in the number of steps.
+PRED_LR_ANCHORS = ((1560, 30.0), (300_000, 1.0))
+
+
+def derive_pred_lr_scale(total_steps):
+    """The predictor's learning-rate factor for a run of `total_steps` steps."""
+    (short, fast), (long, slow) = PRED_LR_ANCHORS
+    exponent = math.log(fast / slow) / math.log(long / short)
+    factor = fast * (short / max(total_steps, 1)) ** exponent
+    return round(min(fast, max(slow, factor)), 2)
+
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names():
+    """The shipped presets: one JSON config file each in simclic_tf/recipes/."""
+    return sorted(path.stem for path in RECIPE_DIR.glob("*.json"))

@@ -49,7 +49,9 @@ class SimCLIC(keras.Model):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = SimCLICConfig.from_dict(config)
-        self.config = config
+        # An epoch is N // batch_size whole batches (data.pretrain_dataset).
+        self.config, _ = config.for_budget(int(num_samples) // config.batch_size)
+        config = self.config
         self.image_shape = tuple(image_shape)
         self.num_samples = int(num_samples)
         self.num_classes = num_classes

@@ -16,10 +16,12 @@ from simclic_tf.registry import PERTURBATIONS
 
 class Perturbation(keras.layers.Layer):
     """Base class. Subclasses set `default_strength` and `strength_range`
-    (None when the perturbation has no knob) and implement `perturb`."""
+    (None when the perturbation has no knob), `rampable` when `StrengthRamp`
+    can schedule their strength, and implement `perturb`."""
 
     default_strength = None
     strength_range = None
+    rampable = False
 
     def __init__(self, strength=None, seed=None, kernel_impl="auto", **kwargs):
         super().__init__(**kwargs)
@@ -111,6 +113,9 @@ class HistoryPerturbation(Perturbation):
 
     default_strength = 1.0
     strength_range = (0.0, 1.0)
+    # The mix is a weight read in the step, so a callback can move it
+    # (dropout's rate and the noise kernel's scale are fixed at build).
+    rampable = True
 
     def __init__(self, num_samples, dim, strength=None, momentum=0.0,
                  bank_dtype="float32", seed=None, **kwargs):
@@ -131,6 +136,9 @@ class HistoryPerturbation(Perturbation):
                 initializer="zeros", shape=(self.num_samples,), dtype="int32",
                 trainable=False, autocast=False, name="visits",
                 **distribute.REPLICATED_VARIABLE)
+            # The mix a in use: `strength`, unless `StrengthRamp` moves it.
+            self.mix = keras.Variable(self.strength, dtype="float32", trainable=False,
+                                      autocast=False, name="mix")
 
     @classmethod
     def from_run_config(cls, config, num_samples):
@@ -152,7 +160,7 @@ class HistoryPerturbation(Perturbation):
         return tuple(self._mix(old_rows, seen, z) for z in zs)
 
     def _mix(self, old_rows, seen, z):
-        a = self.strength
+        a = ops.convert_to_tensor(self.mix)
         current = ops.normalize(ops.cast(z, "float32"), axis=-1)
         mixed = ops.normalize(a * ops.normalize(old_rows, axis=-1) + (1 - a) * current, axis=-1)
         return ops.cast(ops.where(seen[:, None], mixed, ops.cast(z, "float32")), z.dtype)
@@ -160,3 +168,34 @@ class HistoryPerturbation(Perturbation):
     def get_config(self):
         return {**super().get_config(), "num_samples": self.num_samples, "dim": self.dim,
                 "momentum": self.momentum, "bank_dtype": self.bank_dtype}
+
+
+class HistoryThen(HistoryPerturbation):
+    """The history target, then a memoryless perturbation of it (`then`, at
+    its default strength): old and noisy at once. `strength` stays the
+    history mix a, the knob the tuner searches."""
+
+    then = None
+
+    def __init__(self, num_samples, dim, **kwargs):
+        super().__init__(num_samples, dim, **kwargs)
+        self.second = self.then(seed=self.seed, kernel_impl=self.kernel_impl)
+
+    def call(self, zs, indices, training=False):
+        return self.second(super().call(zs, indices, training), indices, training=training)
+
+
+@PERTURBATIONS.register("history+noise")
+@keras.saving.register_keras_serializable("simclic_tf")
+class HistoryThenNoise(HistoryThen):
+    """normalize(a H^[i] + (1 - a) z^) + s std(z) eps, s = 0.5."""
+
+    then = NoisePerturbation
+
+
+@PERTURBATIONS.register("history+dropout")
+@keras.saving.register_keras_serializable("simclic_tf")
+class HistoryThenDropout(HistoryThen):
+    """dropout(normalize(a H^[i] + (1 - a) z^), 0.2)."""
+
+    then = DropoutPerturbation

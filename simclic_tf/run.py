@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 
 from simclic_tf import augment, data, distribute, plots
-from simclic_tf.callbacks import CollapseMonitor, KNNMonitor, ResumableCSVLogger
-from simclic_tf.config import ConfigError, SimCLICConfig
+from simclic_tf.callbacks import CollapseMonitor, KNNMonitor, ResumableCSVLogger, StrengthRamp
+from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.evaluation import (evaluate_backbone, extract_features, labelled_memory,
                                    online_probe_accuracy)
 from simclic_tf.model import SimCLIC, build_optimizer
@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_run_dir(config, resume):
-    """Creates the run directory, or on resume reads the config saved there.
-    Refuses to overwrite a run that was not asked to resume."""
+    """The config to run: on resume the one saved in the run directory.
+    Refuses to overwrite a run that was not asked to resume. Writes nothing:
+    `save_config` does, once the data have loaded."""
     config_path = os.path.join(config.run_dir, "config.json")
     if resume:
         if not os.path.exists(config_path):
@@ -44,9 +45,19 @@ def prepare_run_dir(config, resume):
         raise ConfigError(
             f"--run-dir {config.run_dir} already holds a run; pass --resume to "
             "continue it, or choose another --run-dir")
-    os.makedirs(config.run_dir, exist_ok=True)
-    config.save(config_path)
     return config
+
+
+def save_config(config, steps_per_epoch):
+    """Fills in the knobs derived from the run's length, says which, and
+    writes the resulting config.json; returns (config, {knob: derived value})."""
+    config, derived = config.for_budget(steps_per_epoch)
+    for name, value in derived.items():
+        logger.warning("%s %s, derived from the run's length (%d steps); give the flag "
+                       "to override", flag(name), value, config.epochs * steps_per_epoch)
+    os.makedirs(config.run_dir, exist_ok=True)
+    config.save(os.path.join(config.run_dir, "config.json"))
+    return config, derived
 
 
 def make_deterministic():
@@ -124,6 +135,8 @@ def run(config, resume=False):
     strategy = distribute.make_strategy(config.strategy)  # Before other TF work.
     keras.utils.set_random_seed(config.seed)
     train_set, test_set = data.load_train_and_eval(config)
+    steps_per_epoch = len(train_set) // config.batch_size
+    config, derived = save_config(config, steps_per_epoch)
     augmentation, pretrain_data = pretrain_inputs(config, train_set)
     model = build_model(config, train_set, strategy)
     memory, queries = labelled_memory(train_set, test_set, config.seed)
@@ -132,6 +145,8 @@ def run(config, resume=False):
 
     collapse = CollapseMonitor(config.proj_dim)
     callbacks = [collapse]
+    if config.strength_ramp:
+        callbacks.append(StrengthRamp(config.epochs, config.strength_ramp))
     if config.knn_every:
         callbacks.append(KNNMonitor(memory, queries, config.knn_k, config.knn_t,
                                     config.knn_every))
@@ -158,6 +173,8 @@ def run(config, resume=False):
         "final_z_std": history.history["z_std"][-1],
         "collapsed_at_epoch": collapse.collapsed_at,
         "train_seconds": train_seconds,
+        "steps": config.epochs * steps_per_epoch,
+        "derived": derived,
     }
     report["pictures"] = draw_results(model, queries, config.run_dir)
     if model.probe is not None:

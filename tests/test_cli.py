@@ -14,11 +14,13 @@ import pytest
 from keras import ops
 
 import train
+from simclic_tf import SimCLICConfig
 from simclic_tf import run as run_module
 from simclic_tf.cli import add_config_flags, config_from_args
+from simclic_tf.config import derive_pred_lr_scale
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32", "--pred-hidden", "8",
+TINY = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32", "--pred-hidden", "8",
         "--batch-size", "64", "--linear-epochs", "5", "--knn-k", "20"]
 
 
@@ -45,7 +47,15 @@ def test_digits_end_to_end(tmp_path, capsys):
         assert report[encoder]["knn_accuracy"] > 0.3
         assert report[encoder]["linear_accuracy"] > 0.3
     assert report["config"]["perturbation"] == "history" and report["collapsed_at_epoch"] is None
-    assert "| pretrained |" in capsys.readouterr().out
+    # The predictor's rate was left to the budget: config.json and the report say what it got.
+    derived = derive_pred_lr_scale(2 * (1437 // 64))
+    assert json.loads((run_dir / "config.json").read_text())["pred_lr_scale"] == derived
+    assert report["derived"] == {"pred_lr_scale": derived} and report["steps"] == 44
+    assert f"--pred-lr-scale {derived}" in (run_dir / "report.md").read_text()
+    console = capsys.readouterr().out.splitlines()
+    assert console[-5].startswith("Pretraining ") and "chance is 10.0 %" in console[-5]
+    assert console[-2].startswith("| random initialisation |")
+    assert console[-1] == f"Report: {run_dir / 'report.md'}"
     assert "kNN (k=20, t=0.1) error %" in (run_dir / "report.md").read_text()
 
     rows = read_history(run_dir)
@@ -153,7 +163,23 @@ def test_flags_are_the_config_fields_and_override_a_config_file(tmp_path):
     config = config_from_args(parser.parse_args(
         ["--config", str(tmp_path / "c.json"), "--width", "16", "--no-stop-gradient"]))
     assert (config.perturbation, config.width, config.stop_gradient) == ("noise", 16, False)
-    assert np.isclose(config.base_lr, 0.03)
+    assert np.isclose(config.base_lr, 0.06)
+
+
+def test_flags_override_a_recipe_and_a_config_file_overrides_it_too(tmp_path):
+    import argparse
+    parser = add_config_flags(argparse.ArgumentParser())
+    assert "a shipped preset, one of: cifar, cpu, paper" in " ".join(
+        parser.format_help().split())
+    config = config_from_args(parser.parse_args(["--recipe", "paper", "--epochs", "3"]))
+    paper = SimCLICConfig.recipe("paper")
+    assert config == paper.replace(epochs=3) and config.batch_size == 128
+    (tmp_path / "c.json").write_text(json.dumps({"width": 8, "epochs": 5}))
+    config = config_from_args(parser.parse_args(
+        ["--recipe", "paper", "--config", str(tmp_path / "c.json"), "--epochs", "2"]))
+    assert config == paper.replace(width=8, epochs=2)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--recipe", "fast"])
 
 
 def test_deterministic_reruns_are_bit_identical(tmp_path):

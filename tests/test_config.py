@@ -1,13 +1,47 @@
+import json
+
 import pytest
 
 from simclic_tf import ConfigError, SimCLICConfig
+from simclic_tf.config import RECIPE_DIR, derive_pred_lr_scale, recipe_names
 
 
-def test_defaults_are_the_design_recipe():
+def test_defaults_are_the_small_image_recipe():
     config = SimCLICConfig()
-    assert (config.backbone, config.proj_dim, config.pred_hidden, config.batch_size) == (
-        "resnet18_cifar", 2048, 512, 128)
-    assert config.learning_rate == pytest.approx(0.03 * 128 / 256)
+    assert (config.dataset, config.backbone, config.width, config.proj_dim,
+            config.pred_hidden, config.batch_size) == ("shapes", "resnet18_cifar", 16, 512,
+                                                       128, 128)
+    assert config.learning_rate == pytest.approx(0.06 * 128 / 256)
+    assert config.fix_pred_lr and config.pred_lr_scale is None  # derived from the budget
+
+
+def test_the_predictor_rate_is_derived_from_the_run_length():
+    assert derive_pred_lr_scale(100) == derive_pred_lr_scale(1560) == 30.0
+    assert derive_pred_lr_scale(300_000) == derive_pred_lr_scale(10**7) == 1.0
+    steps = [780, 3120, 39_000, 390_000]
+    factors = [derive_pred_lr_scale(n) for n in steps]
+    assert factors == sorted(factors, reverse=True) and 1.0 < factors[2] < factors[1] < 30.0
+    config, derived = SimCLICConfig(epochs=10).for_budget(steps_per_epoch=312)
+    assert derived == {"pred_lr_scale": derive_pred_lr_scale(3120)}
+    assert config.pred_lr_scale == derived["pred_lr_scale"]
+    # A value given explicitly is the user's: nothing is derived over it.
+    assert SimCLICConfig(pred_lr_scale=2.0).for_budget(10) == (
+        SimCLICConfig(pred_lr_scale=2.0), {})
+
+
+def test_the_shipped_recipes_load_and_validate():
+    assert {"paper", "cifar", "cpu"} <= set(recipe_names())
+    for name in recipe_names():
+        values = json.loads((RECIPE_DIR / f"{name}.json").read_text())
+        config = SimCLICConfig.recipe(name)
+        assert {key: getattr(config, key) for key in values} == values
+    paper = SimCLICConfig.recipe("paper")
+    assert (paper.epochs, paper.batch_size, paper.width, paper.proj_dim) == (1000, 128, 64, 2048)
+
+
+def test_an_unknown_recipe_names_the_shipped_ones():
+    with pytest.raises(ConfigError, match="--recipe 'fast'.*cifar, cpu, paper"):
+        SimCLICConfig.recipe("fast")
 
 
 @pytest.mark.parametrize("changes, names", [

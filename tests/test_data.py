@@ -60,6 +60,37 @@ def test_resize_on_load():
     assert data.images.shape == (1797, 16, 16, 1) and data.images.dtype == np.uint8
 
 
+# shapes
+
+
+def test_shapes_are_balanced_seeded_and_split_apart():
+    train, test = load_images("shapes"), load_images("shapes", split="test")
+    assert train.images.shape == (3000, 16, 16, 3) and train.images.dtype == np.uint8
+    assert test.images.shape == (1000, 16, 16, 3) and train.num_classes == 10
+    assert train.class_names[:3] == ["disc", "square", "triangle"]
+    np.testing.assert_array_equal(np.bincount(train.labels), [300] * 10)
+    np.testing.assert_array_equal(np.bincount(test.labels), [100] * 10)
+    np.testing.assert_array_equal(load_images("shapes").images, train.images)  # drawn again
+    assert not np.array_equal(train.images[:1000], test.images)
+    # Each image has its own background: no two images share pixels.
+    assert len({image.tobytes() for image in train.images}) == 3000
+    assert load_images("shapes", image_size=24).images.shape == (3000, 24, 24, 3)
+    with pytest.raises(DataError, match="'shapes' has the splits \\['test', 'train'\\]"):
+        load_images("shapes", split="validation")
+
+
+def test_shapes_classes_differ_in_form_not_in_brightness():
+    """What a class means is its shape: the mean image of a class is not
+    brighter than another's by more than the spread within a class."""
+    data = load_images("shapes")
+    brightness = data.images.reshape(3000, -1).mean(axis=1)
+    class_means = [brightness[data.labels == k].mean() for k in range(10)]
+    assert np.ptp(class_means) < brightness.std()
+    masks = data_module.shape_masks(*np.meshgrid(np.linspace(-1, 1, 33), np.linspace(-1, 1, 33)))
+    flat = np.array([mask.ravel() for mask in masks])
+    assert len({row.tobytes() for row in flat}) == 10  # ten distinct silhouettes
+
+
 def test_single_set_sources_have_no_test_split():
     with pytest.raises(DataError, match="no 'test' split.*--test-fraction"):
         load_images("digits", split="test")

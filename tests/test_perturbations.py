@@ -1,11 +1,16 @@
 """Each perturbation's semantics, at the layer level."""
 
+import types
+
 import numpy as np
 import pytest
 from keras import ops
 
+from simclic_tf import ConfigError, SimCLICConfig
+from simclic_tf.callbacks import StrengthRamp
 from simclic_tf.perturbations import (DropoutPerturbation, HistoryPerturbation,
-                                      NoisePerturbation, NoPerturbation)
+                                      HistoryThenDropout, HistoryThenNoise, NoisePerturbation,
+                                      NoPerturbation)
 
 
 def normalize(x):
@@ -105,3 +110,54 @@ def test_history_momentum_and_read_only_inference():
     (target,) = layer((new,), indices, training=False)
     np.testing.assert_array_equal(ops.convert_to_numpy(layer.bank), before)
     np.testing.assert_allclose(ops.convert_to_numpy(target), normalize(before[indices]), rtol=1e-5)
+
+
+def test_history_then_dropout_drops_from_the_history_target():
+    layer, plain = HistoryThenDropout(10, 4, seed=2), history()
+    rng = np.random.default_rng(4)
+    indices = np.array([0, 1, 2])
+    for z in rng.normal(size=(2, 3, 4)).astype("float32"):
+        (out,), (expected,) = (layer((z,), indices, training=True),
+                               plain((z,), indices, training=True))
+    out, expected = ops.convert_to_numpy(out), ops.convert_to_numpy(expected)
+    kept = out != 0
+    assert 0 < kept.sum() < out.size  # some entries dropped at rate 0.2, not all
+    np.testing.assert_allclose(out[kept], expected[kept] / 0.8, rtol=1e-5)
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.bank), ops.convert_to_numpy(plain.bank))
+
+
+def test_history_then_noise_adds_noise_to_the_history_target_in_training_only():
+    layer, plain = HistoryThenNoise(10, 4, seed=2), history()
+    z = np.random.default_rng(5).normal(size=(3, 4)).astype("float32")
+    for _ in range(2):  # the second visit reads the row the first wrote
+        (out,), (expected,) = (layer((z,), np.arange(3), training=True),
+                               plain((z,), np.arange(3), training=True))
+    difference = ops.convert_to_numpy(out) - ops.convert_to_numpy(expected)
+    assert np.abs(difference).min() > 0
+    (out,), (expected,) = (layer((z,), np.arange(3), training=False),
+                           plain((z,), np.arange(3), training=False))
+    np.testing.assert_allclose(ops.convert_to_numpy(out), ops.convert_to_numpy(expected),
+                               rtol=1e-6)
+
+
+def test_the_strength_ramp_moves_the_history_mix_from_zero_to_the_strength():
+    layer = history(strength=0.8)
+    ramp = StrengthRamp(epochs=10, ramp=0.5)
+    ramp.set_model(types.SimpleNamespace(perturbation=layer))
+    z, old = np.random.default_rng(6).normal(size=(2, 3, 4)).astype("float32")
+    layer((old,), np.arange(3), training=True)  # rows 0-2 now hold `old`
+    mixes = []
+    for epoch in range(10):
+        ramp.on_epoch_begin(epoch)
+        mixes.append(float(ops.convert_to_numpy(layer.mix)))
+    np.testing.assert_allclose(mixes, [0.0, 0.16, 0.32, 0.48, 0.64] + [0.8] * 5, rtol=1e-6)
+    # The target follows the mix in use: at a = 0.8, 0.8 H^ + 0.2 z^, normalised.
+    (out,) = layer((z,), np.arange(3), training=False)
+    np.testing.assert_allclose(ops.convert_to_numpy(out),
+                               normalize(0.8 * normalize(old) + 0.2 * normalize(z)), rtol=1e-5)
+
+
+def test_the_strength_ramp_is_refused_where_the_strength_is_fixed_at_build():
+    with pytest.raises(ConfigError, match="--strength-ramp.*dropout.*history, history\\+"):
+        SimCLICConfig(perturbation="dropout", strength_ramp=0.5)
+    assert SimCLICConfig(perturbation="history+noise", strength_ramp=0.5).strength_ramp == 0.5

@@ -59,7 +59,7 @@ def ablation_fields(ablation, config):
         raise ConfigError(
             f"--ablation strength: --perturbation {config.perturbation} has no strength to "
             f"search; choose one of: {', '.join(with_strength)}")
-    if config.perturbation == "history":
+    if config.perturbation.startswith("history"):
         return ("strength", "history_momentum")
     return ("strength",)
 

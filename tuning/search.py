@@ -38,7 +38,7 @@ import keras_tuner  # noqa: E402
 
 from simclic_tf import data  # noqa: E402
 from simclic_tf.callbacks import CollapseMonitor  # noqa: E402
-from simclic_tf.cli import add_config_flags  # noqa: E402
+from simclic_tf.cli import add_config_flags, base_config  # noqa: E402
 from simclic_tf.config import ConfigError, SimCLICConfig  # noqa: E402
 from tuning import table  # noqa: E402
 from tuning.hypermodel import (ABLATIONS, EXTRA_KNOBS, OBJECTIVES, SimCLICHyperModel,  # noqa: E402
@@ -324,14 +324,14 @@ def search_from_args(args):
         if args.ablation is None:
             raise ConfigError(f"--run-dir {run_dir} holds no search to resume; "
                               "--ablation is needed to start one")
-        base = SimCLICConfig.load(args.config) if args.config else SimCLICConfig()
+        base = base_config(args)
         return Search(base.replace(**explicit), args.ablation,
                       tuple(args.tune or ()), args.objective or "knn",
                       args.val_fraction if args.val_fraction is not None else 0.1,
                       args.max_trials)
     # The run directory may have moved, or be spelled another way: it is where it is.
     base = SimCLICConfig.from_dict(saved["config"]).replace(run_dir=run_dir)
-    requested = (SimCLICConfig.load(args.config) if args.config else base).replace(**explicit)
+    requested = (base_config(args) if args.config or args.recipe else base).replace(**explicit)
     changed = [f"--{name.replace('_', '-')} {getattr(base, name)} -> {getattr(requested, name)}"
                for name in base.to_dict() if getattr(base, name) != getattr(requested, name)]
     given = {"ablation": args.ablation, "tune": args.tune, "objective": args.objective,

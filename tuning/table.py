@@ -27,7 +27,8 @@ LABELS = {
         True: "w/ stop-gradient", False: "w/o stop-gradient"}),
     "loss": ("Effect of the loss D", {"cosine": "Cosine", "cross_entropy": "Cross-entropy"}),
     "perturbation": ("Effect of the perturbation P", {
-        "none": "None (SimSiam)", "history": "History", "dropout": "Dropout", "noise": "Noise"}),
+        "none": "None (SimSiam)", "history": "History", "dropout": "Dropout", "noise": "Noise",
+        "history+noise": "History + noise", "history+dropout": "History + dropout"}),
     "perturb": ("Where P applies", {
         "target": "Target branch", "online": "Online branch (before h)"}),
 }
