@@ -101,7 +101,7 @@ class SimCLICConfig:
     # Optimisation.
     batch_size: int = knob(128, "global batch size", range=(2, 1 << 20))
     epochs: int = knob(20, "pretraining epochs", range=(1, 100000))
-    base_lr: float = knob(0.06, "learning rate at batch 256 (lr = base_lr * B / 256)",
+    base_lr: float = knob(0.12, "learning rate at batch 256 (lr = base_lr * B / 256)",
                           range=(0.0, 100.0))
     momentum: float = knob(0.9, "SGD momentum", range=(0.0, 0.999))
     weight_decay: float = knob(

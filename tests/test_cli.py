@@ -163,7 +163,7 @@ def test_flags_are_the_config_fields_and_override_a_config_file(tmp_path):
     config = config_from_args(parser.parse_args(
         ["--config", str(tmp_path / "c.json"), "--width", "16", "--no-stop-gradient"]))
     assert (config.perturbation, config.width, config.stop_gradient) == ("noise", 16, False)
-    assert np.isclose(config.base_lr, 0.06)
+    assert np.isclose(config.base_lr, 0.12)
 
 
 def test_flags_override_a_recipe_and_a_config_file_overrides_it_too(tmp_path):

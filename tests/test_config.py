@@ -11,7 +11,7 @@ def test_defaults_are_the_small_image_recipe():
     assert (config.dataset, config.backbone, config.width, config.proj_dim,
             config.pred_hidden, config.batch_size) == ("shapes", "resnet18_cifar", 16, 512,
                                                        128, 128)
-    assert config.learning_rate == pytest.approx(0.06 * 128 / 256)
+    assert config.learning_rate == pytest.approx(0.12 * 128 / 256)
     assert config.fix_pred_lr and config.pred_lr_scale is None  # derived from the budget
 
 
