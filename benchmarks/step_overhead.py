@@ -30,9 +30,30 @@ def train_function(config, images, num_samples):
     model.compile(optimizer=build_optimizer(config, 100))
     batch = len(images)
     indices = tf.data.Dataset.range(num_samples).shuffle(num_samples).batch(batch, True)
-    data = indices.map(lambda i: ((images, images), tf.cast(i, tf.int32))).repeat()
+    views = (images,) * config.views
+    data = indices.map(lambda i: (views, tf.cast(i, tf.int32))).repeat()
     model.make_train_function()
     return model.train_function, iter(data)
+
+
+def step_seconds(configs, images, num_samples, steps=5, rounds=7):
+    """{name: median seconds per training step} of each config in `configs`
+    ({name: SimCLICConfig}) on the batch `images`. The models take turns for
+    `rounds` rounds of `steps` steps, so that machine noise hits them alike."""
+    functions = {}
+    for name, config in configs.items():
+        functions[name] = train_function(config, images, num_samples)
+        step, iterator = functions[name]
+        step(iterator)  # trace and warm up
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, (step, iterator) in functions.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                logs = step(iterator)
+            float(logs["loss"])  # wait for the device
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: float(np.median(samples)) for name, samples in times.items()}
 
 
 def main():
@@ -49,29 +70,17 @@ def main():
 
     rng = np.random.default_rng(0)
     images = rng.random((args.batch_size, args.image_size, args.image_size, 3), "float32")
-    functions = {}
-    for name in PERTURBATIONS.names():
-        config = SimCLICConfig(backbone=args.backbone, width=args.width, perturbation=name,
-                               batch_size=args.batch_size)
-        functions[name] = train_function(config, images, args.num_samples)
-        step, iterator = functions[name]
-        step(iterator)  # trace and warm up
-    times = {name: [] for name in functions}
-    for _ in range(args.rounds):
-        for name, (step, iterator) in functions.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                logs = step(iterator)
-            float(logs["loss"])  # wait for the device
-            times[name].append((time.perf_counter() - start) / args.steps)
-    baseline = np.median(times["none"])
+    configs = {name: SimCLICConfig(backbone=args.backbone, width=args.width, perturbation=name,
+                                   batch_size=args.batch_size)
+               for name in PERTURBATIONS.names()}
+    times = step_seconds(configs, images, args.num_samples, args.steps, args.rounds)
+    baseline = times["none"]
     print(f"{args.backbone} width {args.width}, batch {args.batch_size}, "
           f"{args.image_size}x{args.image_size}, history rows {args.num_samples}, "
           f"median of {args.rounds} rounds x {args.steps} steps")
-    print(f"{'perturbation':<14}{'ms/step':>10}{'ratio to none':>16}")
-    for name, samples in times.items():
-        median = np.median(samples)
-        print(f"{name:<14}{1000 * median:>10.1f}{median / baseline:>16.3f}")
+    print(f"{'perturbation':<16}{'ms/step':>10}{'ratio to none':>16}")
+    for name, median in times.items():
+        print(f"{name:<16}{1000 * median:>10.1f}{median / baseline:>16.3f}")
 
 
 if __name__ == "__main__":
