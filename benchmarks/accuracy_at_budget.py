@@ -134,7 +134,8 @@ def main():
                         help="comma-separated SSL rows to run (random init always runs)")
     parser.add_argument("--no-supervised", action="store_true", help="skip the supervised row")
     parser.add_argument("--validation", action="store_true",
-                        help="evaluate on 5,000 held-out CIFAR-10 training images, not the test file")
+                        help="evaluate on 5,000 held-out CIFAR-10 training images, "
+                        "not the test file")
     parser.add_argument("--equal-wall", action="store_true",
                         help="give every row SimSiam's wall time instead of its steps")
     parser.add_argument("--out", default="runs/accuracy_at_budget")

@@ -36,8 +36,8 @@ def main():
     from simclic_tf.config import SimCLICConfig
     from simclic_tf.run import build_model
 
-    config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=16, pred_hidden=8,
-                           batch_size=32, epochs=1, sync_bn=True, kernel_impl="tf",
+    config = SimCLICConfig(dataset="digits", backbone="tiny_convnet", width=4, proj_dim=16,
+                           pred_hidden=8, batch_size=32, epochs=1, sync_bn=True, kernel_impl="tf",
                            strategy="multi_worker")
     keras.utils.set_random_seed(config.seed)
     train_set, _ = data.load_train_and_eval(config)

@@ -20,8 +20,8 @@ from simclic_tf.cli import add_config_flags, config_from_args
 from simclic_tf.config import derive_pred_lr_scale
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32", "--pred-hidden", "8",
-        "--batch-size", "64", "--linear-epochs", "5", "--knn-k", "20"]
+TINY = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
+        "--pred-hidden", "8", "--batch-size", "64", "--linear-epochs", "5", "--knn-k", "20"]
 
 
 def read_history(run_dir):
@@ -53,7 +53,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert report["derived"] == {"pred_lr_scale": derived} and report["steps"] == 44
     assert f"--pred-lr-scale {derived}" in (run_dir / "report.md").read_text()
     console = capsys.readouterr().out.splitlines()
-    assert console[-5].startswith("Pretraining ") and "chance is 10.0 %" in console[-5]
+    assert console[-6].startswith("Pretraining ") and "chance is 10.0 %" in console[-6]
     assert console[-2].startswith("| random initialisation |")
     assert console[-1] == f"Report: {run_dir / 'report.md'}"
     assert "kNN (k=20, t=0.1) error %" in (run_dir / "report.md").read_text()

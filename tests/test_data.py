@@ -291,7 +291,7 @@ def test_unknown_name_is_neither_local_nor_tfds(tmp_path):
 
 
 def test_digits_held_out_split_is_stratified_and_disjoint():
-    config = SimCLICConfig(test_fraction=0.25, seed=3)
+    config = SimCLICConfig(dataset="digits", test_fraction=0.25, seed=3)
     train, held_out = load_train_and_eval(config)
     full = load_images("digits")
     assert len(train) + len(held_out) == len(full)
@@ -307,7 +307,7 @@ def test_digits_held_out_split_is_stratified_and_disjoint():
 def test_eval_dataset_is_resized_to_the_training_images(tmp_path):
     x = np.zeros((4, 16, 16, 1), np.uint8)
     name = save_npz(tmp_path / "eval.npz", x=x, y=np.array([0, 1, 0, 1]))
-    train, evaluation = load_train_and_eval(SimCLICConfig(eval_dataset=name))
+    train, evaluation = load_train_and_eval(SimCLICConfig(dataset="digits", eval_dataset=name))
     assert len(train) == 1797 and evaluation.images.shape == (4, 8, 8, 1)
 
 

@@ -65,8 +65,8 @@ def test_two_replicas_train_as_one_device(tmp_path, precision, tolerance):
 
 def test_a_run_resumes_under_a_mirrored_strategy(tmp_path):
     run_dir = tmp_path / "run"
-    argv = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
-            "--pred-hidden", "8", "--batch-size", "64", "--linear-epochs", "0",
+    argv = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4",
+            "--proj-dim", "32", "--pred-hidden", "8", "--batch-size", "64", "--linear-epochs", "0",
             "--knn-every", "0", "--epochs", "3", "--strategy", "mirrored", "--sync-bn",
             "--run-dir", run_dir]
     crashed = run_helper("distributed_train.py", argv, {"SIMCLIC_TEST_CRASH_AT_EPOCH": "2"})

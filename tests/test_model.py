@@ -58,7 +58,8 @@ def test_target_branch_gradients_are_exactly_zero(perturbation, perturb):
 
 
 def test_perturbation_none_is_a_hand_written_simsiam_step():
-    model = tiny_model(perturbation="none", base_lr=0.5)
+    # Every weight at one learning rate, as in the paper's Algorithm 1.
+    model = tiny_model(perturbation="none", base_lr=0.5, pred_lr_scale=1.0, fix_pred_lr=False)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     reference = tiny_model(perturbation="none")
     reference.set_weights(model.get_weights())

@@ -123,7 +123,8 @@ def test_history_then_dropout_drops_from_the_history_target():
     kept = out != 0
     assert 0 < kept.sum() < out.size  # some entries dropped at rate 0.2, not all
     np.testing.assert_allclose(out[kept], expected[kept] / 0.8, rtol=1e-5)
-    np.testing.assert_array_equal(ops.convert_to_numpy(layer.bank), ops.convert_to_numpy(plain.bank))
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.bank),
+                                  ops.convert_to_numpy(plain.bank))
 
 
 def test_history_then_noise_adds_noise_to_the_history_target_in_training_only():

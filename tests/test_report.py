@@ -15,8 +15,8 @@ def report_with(knn, linear, random_knn, random_linear, num_classes=10):
                  "num_classes": num_classes},
         "pretrained": {"knn_accuracy": knn, "linear_accuracy": linear},
         "random_init": {"knn_accuracy": random_knn, "linear_accuracy": random_linear},
-        "final_loss": -0.5, "final_z_std": 0.044, "collapsed_at_epoch": None, "train_seconds": 100.0, "steps": 460,
-        "derived": {"pred_lr_scale": 30.0},
+        "final_loss": -0.5, "final_z_std": 0.044, "collapsed_at_epoch": None,
+        "train_seconds": 100.0, "steps": 460, "derived": {"pred_lr_scale": 30.0},
     }
 
 

@@ -18,8 +18,9 @@ from tuning import hypermodel as hypermodel_module
 from tuning import search as search_module
 from tuning import table
 
-TINY = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32", "--pred-hidden", "8",
-        "--batch-size", "64", "--knn-k", "20", "--knn-every", "0", "--quiet"]
+TINY = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
+        "--pred-hidden", "8", "--batch-size", "64", "--knn-k", "20", "--knn-every", "0",
+        "--quiet"]
 FIELDS = {f.name: f for f in dataclasses.fields(SimCLICConfig)}
 
 
@@ -94,8 +95,9 @@ def test_the_search_space_comes_from_the_config():
         assert (strength.min_value, strength.max_value) == perturbation.strength_range
         assert strength.default == perturbation.default_strength
         names = [p.name for p in hp.space]
-        assert names == (["strength", "history_momentum"] if name == "history" else ["strength"])
-        if name == "history":
+        history = name.startswith("history")
+        assert names == (["strength", "history_momentum"] if history else ["strength"])
+        if history:
             momentum = hp.space[1]
             assert (momentum.min_value, momentum.max_value) == FIELDS["history_momentum"].metadata[
                 "range"]
@@ -197,7 +199,8 @@ def test_without_stop_gradient_the_representation_collapses(tmp_path):
     run_dir = tmp_path / "search"
     assert search_module.main(TINY + [
         "--ablation", "stop_gradient", "--perturbation", "none", "--base-lr", "1.0",
-        "--epochs", "8", "--run-dir", str(run_dir)]) == 0
+        # The predictor at the encoder's rate, as in the nine runs above.
+        "--pred-lr-scale", "1", "--no-fix-pred-lr", "--epochs", "8", "--run-dir", str(run_dir)]) == 0
     rows = {row[0]: row[1:] for row in read_csv(run_dir / "results.csv")}
     assert read_csv(run_dir / "results.csv")[0] == [
         "stop_gradient", "w/ stop-gradient", "w/o stop-gradient"]
