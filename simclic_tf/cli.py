@@ -4,19 +4,12 @@ declared once (in config.py) and `train.py`, `tuning.search` and the saved
 
 import argparse
 import dataclasses
-import typing
 
-from simclic_tf.config import RECIPE_DIR, SimCLICConfig, flag, recipe_names
+from simclic_tf.config import (RECIPE_DIR, SimCLICConfig, choice_names, flag, read_values,
+                               recipe_names, value_type)
 
 
 _FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
-
-
-def value_type(field):
-    """The flag's value type: int for `int` and `Optional[int]`, and so on."""
-    if typing.get_origin(field.type) is typing.Union:
-        return next(t for t in typing.get_args(field.type) if t is not type(None))
-    return field.type
 
 
 def add_config_flag(parser, name, default=None):
@@ -51,21 +44,30 @@ def add_config_flags(parser):
     return parser
 
 
-def choice_names(choices):
-    """The accepted values of a field's `choices`: a tuple, or a Registry's names."""
-    return choices.names() if hasattr(choices, "names") else choices
-
-
 def base_config(args):
     """The defaults, then `--recipe`, then `--config`: what the flags override."""
     config = SimCLICConfig.recipe(args.recipe) if args.recipe else SimCLICConfig()
     return SimCLICConfig.load(args.config, config) if args.config else config
 
 
+def flags_given(args):
+    """{knob: value} of the flags given explicitly on the command line."""
+    return {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+
+
 def config_from_args(args):
     """The config a parsed command line asks for: `base_config`, then the
     flags given explicitly."""
-    config = base_config(args)
-    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(SimCLICConfig)
-             if getattr(args, field.name) is not None}
-    return config.replace(**given)
+    return base_config(args).replace(**flags_given(args))
+
+
+def knobs_given(args, config):
+    """{knob: its value in `config`} for every knob the command line sets,
+    by `--recipe`, `--config` or a flag: what `--resume` checks against the
+    saved run."""
+    names = set(flags_given(args))
+    if args.recipe:
+        names |= set(read_values(RECIPE_DIR / f"{args.recipe}.json"))
+    if args.config:
+        names |= set(read_values(args.config))
+    return {name: getattr(config, name) for name in names}

@@ -8,6 +8,7 @@ metadata (`help`, `choices`, `range`), so a knob is declared exactly once.
 import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,29 @@ def knob(default, help, choices=None, range=None):
 def flag(name):
     """The CLI spelling of a config field, used in every error message."""
     return "--" + name.replace("_", "-")
+
+
+def value_type(field):
+    """A field's value type: int for `int` and `Optional[int]`, and so on."""
+    if typing.get_origin(field.type) is typing.Union:
+        return next(t for t in typing.get_args(field.type) if t is not type(None))
+    return field.type
+
+
+def choice_names(choices):
+    """The accepted values of a field's `choices`: a tuple, or a Registry's names."""
+    return choices.names() if hasattr(choices, "names") else choices
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def has_type(value, kind):
+    """Whether `value` is a `kind` as a config file must spell it: bool is not
+    an int (JSON's true is not 1), and an int is a float."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +180,9 @@ class SimCLICConfig:
         False, "bit-identical reruns of a seed on one machine: TensorFlow's op "
         "determinism (augmentation then runs one batch at a time); on x86 CPUs set "
         "TF_ENABLE_ONEDNN_OPTS=0 too")
+    stop_on_collapse: bool = knob(
+        False, "end pretraining at the first epoch the collapse alarm fires (z_rank "
+        "below its threshold), then evaluate and report as usual")
     run_dir: str = knob("runs/latest", "directory for logs, checkpoints and report")
 
     def __post_init__(self):
@@ -167,9 +194,15 @@ class SimCLICConfig:
         value = getattr(self, field.name)
         if value is None:
             return
+        kind = value_type(field)
+        if not has_type(value, kind):
+            raise ConfigError(f"{flag(field.name)} {value!r} is not accepted; expected "
+                              f"{TYPE_NAMES[kind]}{self._accepted(field)}")
+        if kind is float:
+            object.__setattr__(self, field.name, float(value))
         choices = field.metadata["choices"]
         if choices is not None:
-            names = choices.names() if hasattr(choices, "names") else choices
+            names = choice_names(choices)
             if value not in names:
                 raise ConfigError(
                     f"{flag(field.name)} {value!r} is not accepted; "
@@ -181,6 +214,16 @@ class SimCLICConfig:
                 f"{flag(field.name)} {value} is out of range; "
                 f"accepted: {bounds[0]} to {bounds[1]}"
             )
+
+    @staticmethod
+    def _accepted(field):
+        """The range or choices of a field, for an error message."""
+        bounds, choices = field.metadata["range"], field.metadata["choices"]
+        if bounds is not None:
+            return f" from {bounds[0]} to {bounds[1]}"
+        if choices is not None:
+            return f", one of: {', '.join(map(str, choice_names(choices)))}"
+        return ""
 
     def _check_combinations(self):
         if self.views == 1 and self.perturbation == "none":
@@ -259,11 +302,21 @@ class SimCLICConfig:
     def load(cls, path, base=None):
         """The JSON config file at `path` (all knobs or some) over `base`."""
         try:
-            with open(path) as f:
-                values = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            raise ConfigError(f"--config {path}: cannot read a JSON config ({error})")
-        return cls.from_dict(values, base)
+            return cls.from_dict(read_values(path), base)
+        except ConfigError as error:
+            raise ConfigError(f"--config {path}: {error}") from None
+
+
+def read_values(path):
+    """{knob: value} of the JSON config file at `path`."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read a JSON config ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError("expected a JSON object of knobs, such as {\"epochs\": 5}")
+    return values
 
 
 # Short runs learn only if the predictor adapts much faster than the encoder

@@ -436,6 +436,13 @@ def load_train_and_eval(config):
             "labelled set: dir:PATH with one folder per class, npz:PATH with y, or a "
             "labelled tensorflow-datasets name"
         )
+    present = np.unique(evaluation.labels)
+    if len(present) < 2:
+        name = config.eval_dataset or config.dataset
+        raise DataError(
+            f"{flag('eval_dataset')}: the evaluation set ({name}) holds a single class "
+            f"(label {present[0]}), so every kNN and linear prediction would be right; pass "
+            "a labelled set of two classes or more")
     if evaluation.images.shape[-1] != train.images.shape[-1]:
         raise DataError(
             f"{flag('eval_dataset')}: the evaluation images have "

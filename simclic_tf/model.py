@@ -30,6 +30,21 @@ def collapse_std(z):
     return distribute.global_batch_std(z)
 
 
+def effective_rank(z):
+    """How many directions a batch of z spans, as a fraction of the most it
+    could (min(batch, dim)): the exponential of the entropy of its centred
+    singular values (Roy & Vetterli 2007; RankMe, Garrido et al. 2023).
+    z_std cannot see the dimensional collapse of SimSiam without
+    stop-gradient, since z's last BatchNorm holds every dimension's batch
+    variance at 1; the rank does. Per replica under tf.distribute."""
+    z = ops.cast(z, "float32")
+    z = z - ops.mean(z, axis=0, keepdims=True)
+    singular = tf.linalg.svd(z, compute_uv=False)
+    share = singular / ops.maximum(ops.sum(singular), 1e-12)
+    entropy = -ops.sum(share * ops.log(ops.maximum(share, 1e-12)))
+    return ops.exp(entropy) / ops.cast(ops.minimum(ops.shape(z)[0], ops.shape(z)[1]), "float32")
+
+
 @keras.saving.register_keras_serializable("simclic_tf")
 class SimCLIC(keras.Model):
     """Encoder f (backbone + projector), predictor h and perturbation P.
@@ -65,6 +80,7 @@ class SimCLIC(keras.Model):
         self.distance = LOSSES.get(config.loss)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
+        self.z_rank_tracker = keras.metrics.Mean(name="z_rank")
         self.probe = None
         if config.online_probe:
             if not num_classes:
@@ -189,6 +205,7 @@ class SimCLIC(keras.Model):
     def _update_metrics(self, loss, z):
         self.loss_tracker.update_state(loss)
         self.z_std_tracker.update_state(collapse_std(z))
+        self.z_rank_tracker.update_state(effective_rank(z))
         logs = {metric.name: metric.result() for metric in self.metrics}
         if distribute.is_multi_worker(self.distribute_strategy):
             # Keras reduces step logs across workers with a MEAN over axis 0,
@@ -199,7 +216,7 @@ class SimCLIC(keras.Model):
     @property
     def metrics(self):
         probe = [self.probe_accuracy] if self.probe is not None else []
-        return [self.loss_tracker, self.z_std_tracker] + probe
+        return [self.loss_tracker, self.z_std_tracker, self.z_rank_tracker] + probe
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(),

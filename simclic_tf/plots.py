@@ -14,8 +14,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
+from simclic_tf.callbacks import COLLAPSED_RANK  # noqa: E402
+from simclic_tf.faults import atomic_path  # noqa: E402
+
 # history.csv columns worth a panel, with their titles.
 CURVES = (("loss", "SimCLIC loss"), ("z_std", "z_std (collapse at 0)"),
+          ("z_rank", f"z_rank (collapse below {COLLAPSED_RANK})"),
           ("knn_accuracy", "kNN accuracy"), ("online_probe_accuracy", "online probe accuracy"))
 
 
@@ -34,7 +38,8 @@ def training_curves(history_csv, path):
         axis.grid(alpha=0.3)
         axis.ticklabel_format(axis="y", useOffset=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=100)
     plt.close(figure)
 
 
@@ -54,7 +59,8 @@ def save_image(grid, path, scale=4):
     grid = np.repeat(np.repeat(np.clip(grid, 0.0, 1.0), scale, 0), scale, 1)
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
-    plt.imsave(path, grid, cmap="gray" if grid.ndim == 2 else None)
+    with atomic_path(path) as partial:
+        plt.imsave(partial, grid, cmap="gray" if grid.ndim == 2 else None)
 
 
 def embedding_map(features, labels, class_names, path, max_points=2000, seed=0):
@@ -76,5 +82,6 @@ def embedding_map(features, labels, class_names, path, max_points=2000, seed=0):
                     loc="best")
     axis.set_title("encoder features, PCA")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=100)
     plt.close(figure)

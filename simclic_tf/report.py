@@ -4,6 +4,9 @@ the paper reports them, and the settings that produced them)."""
 import json
 import os
 
+from simclic_tf.callbacks import COLLAPSED_RANK
+from simclic_tf.faults import atomic_path
+
 METRICS = (("knn_accuracy", "kNN (k={knn_k}, t={knn_t}) error %"),
            ("linear_accuracy", "linear error %"),
            ("finetune_accuracy", "fine-tuned error %"))
@@ -16,7 +19,13 @@ def error_percent(accuracy):
 def verdict(report):
     """One sentence: whether pretraining beat the same encoder at random
     initialisation (kNN accuracy up and linear accuracy not down), by how
-    much, against chance, and what to try when it did not."""
+    much, against chance, and what to try when it did not; or that it diverged."""
+    if "diverged" in report:
+        diverged = report["diverged"]
+        return (f"Pretraining diverged at epoch {diverged['epoch']}, step {diverged['step']} "
+                f"({diverged['what']} is not finite): nothing was exported. Try a lower "
+                f"--base-lr (this run: {report['config']['base_lr']:g}) or --warmup-epochs "
+                "1 or more, in a new --run-dir.")
     pretrained, random_init = report["pretrained"], report["random_init"]
     moves = []
     for key, name in (("knn_accuracy", "kNN"), ("linear_accuracy", "linear")):
@@ -40,10 +49,12 @@ def error_table(report):
     """The markdown table of error rates, pretrained against random initialisation."""
     config = report["config"]
     columns = [(key, title.format(**config)) for key, title in METRICS
-               if key in report["pretrained"]]
+               if key in report["random_init"]]
     lines = ["| encoder | " + " | ".join(title for _, title in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for label, key in (("pretrained", "pretrained"), ("random initialisation", "random_init")):
+        if key not in report:
+            continue
         cells = [f"{error_percent(report[key][metric]):.2f}" for metric, _ in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
@@ -53,6 +64,8 @@ def markdown(report):
     config = report["config"]
     lines = [f"# SimCLIC run: {config['dataset']}", "", verdict(report), ""]
     lines += error_table(report)
+    if "diverged" in report:
+        return "\n".join(lines + ["", *settings(config)]) + "\n"
     collapsed = report["collapsed_at_epoch"]
     if "online_probe_accuracy" in report:
         lines += ["", "Online linear probe (trained during pretraining on augmented views, "
@@ -61,8 +74,12 @@ def markdown(report):
     lines += [
         "",
         f"- final loss {report['final_loss']:.4f}, final z_std {report['final_z_std']:.4f} "
-        f"(healthy is about 1/sqrt({config['proj_dim']}) = {config['proj_dim'] ** -0.5:.4f})",
-        f"- collapse: {'at epoch ' + str(collapsed) if collapsed else 'none detected'}",
+        f"(healthy is about 1/sqrt({config['proj_dim']}) = {config['proj_dim'] ** -0.5:.4f}), "
+        f"final z_rank {report['final_z_rank']:.3f} (the batch of z's effective rank as a "
+        f"fraction of its most; a collapse below {COLLAPSED_RANK})",
+        f"- collapse: {'at epoch ' + str(collapsed) if collapsed else 'none detected'}"
+        + (", where --stop-on-collapse ended pretraining"
+           if collapsed and config["stop_on_collapse"] else ""),
         f"- data: {report['data']['train_images']} training and {report['data']['test_images']}"
         f" test images of shape {report['data']['image_shape']}",
         f"- pretraining wall time {report['train_seconds']:.0f} s",
@@ -75,18 +92,19 @@ def markdown(report):
     if report.get("pictures"):
         lines += ["", "## Pictures", ""] + [
             f"![{title}]({name})" for title, name in report["pictures"].items()]
-    lines += [
-        "",
-        "## Settings",
-        "",
-        "| knob | value |",
-        "|---|---|",
-    ] + [f"| {name} | {value} |" for name, value in sorted(config.items())]
+    lines += ["", *settings(config)]
     return "\n".join(lines) + "\n"
 
 
+def settings(config):
+    """The markdown table of every knob of the run."""
+    return ["## Settings", "", "| knob | value |", "|---|---|"] + [
+        f"| {name} | {value} |" for name, value in sorted(config.items())]
+
+
 def write_report(report, run_dir):
-    with open(os.path.join(run_dir, "report.json"), "w") as f:
+    """report.json and report.md, each written whole or not at all."""
+    with atomic_path(os.path.join(run_dir, "report.json")) as partial, open(partial, "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
+    with atomic_path(os.path.join(run_dir, "report.md")) as partial, open(partial, "w") as f:
         f.write(markdown(report))

@@ -12,52 +12,92 @@ initialisation), export and report, in one run directory:
     run_dir/*.png           training curves, augmented views, embedding map
 """
 
+import csv
+import json
 import logging
 import os
+import shutil
 import time
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from simclic_tf import augment, data, distribute, plots
-from simclic_tf.callbacks import CollapseMonitor, KNNMonitor, ResumableCSVLogger, StrengthRamp
+from simclic_tf.callbacks import (CollapseMonitor, DivergenceGuard, KNNMonitor,
+                                  ResumableCSVLogger, SignalStop, StrengthRamp)
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.evaluation import (evaluate_backbone, extract_features, labelled_memory,
                                    online_probe_accuracy)
+from simclic_tf.faults import Diverged, RunFinished, StopOnSignal, atomic_path
 from simclic_tf.model import SimCLIC, build_optimizer
 from simclic_tf.report import write_report
 
 logger = logging.getLogger(__name__)
 
 
-def prepare_run_dir(config, resume):
+def check_run_dir(run_dir):
+    """Refuses a --run-dir that cannot be a folder this process writes to,
+    before anything is written."""
+    if not run_dir:
+        raise ConfigError("--run-dir is empty; give the path of a folder (created if missing)")
+    path = Path(run_dir).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"--run-dir {run_dir} {where}; give the path of a folder "
+                          "(created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {run_dir} cannot be written: {existing} is not "
+                          "writable by this user")
+
+
+def prepare_run_dir(config, resume, given=None):
     """The config to run: on resume the one saved in the run directory.
-    Refuses to overwrite a run that was not asked to resume. Writes nothing:
-    `save_config` does, once the data have loaded."""
+    Refuses to overwrite a run that was not asked to resume, a resume whose
+    `given` knobs ({name: value}, from the command line) contradict the saved
+    run, and a resume of a run that has ended (`RunFinished`). Writes
+    nothing: `save_config` does, once every check has passed."""
+    check_run_dir(config.run_dir)
     config_path = os.path.join(config.run_dir, "config.json")
-    if resume:
-        if not os.path.exists(config_path):
+    if not resume:
+        if os.path.exists(config_path):
             raise ConfigError(
-                f"--resume: {config_path} does not exist; --run-dir must name the "
-                "directory of the run to continue")
-        return SimCLICConfig.load(config_path).replace(run_dir=config.run_dir)
-    if os.path.exists(config_path):
+                f"--run-dir {config.run_dir} already holds a run; pass --resume to "
+                "continue it, or choose another --run-dir")
+        return config
+    if not os.path.exists(config_path):
         raise ConfigError(
-            f"--run-dir {config.run_dir} already holds a run; pass --resume to "
-            "continue it, or choose another --run-dir")
-    return config
+            f"--resume: {config_path} does not exist; --run-dir must name the "
+            "directory of the run to continue")
+    report_path = os.path.join(config.run_dir, "report.json")
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            raise RunFinished(config.run_dir, json.load(f).get("diverged"))
+    saved = SimCLICConfig.load(config_path).replace(run_dir=config.run_dir)
+    differing = [f"{flag(name)} {value} (saved: {getattr(saved, name)})"
+                 for name, value in sorted((given or {}).items())
+                 if name != "run_dir" and getattr(saved, name) != value]
+    if differing:
+        raise ConfigError(
+            f"--resume continues the run saved in {config_path}, and these flags "
+            f"contradict it: {'; '.join(differing)}. Drop them to continue it as saved, "
+            "or start a new --run-dir")
+    return saved
 
 
-def save_config(config, steps_per_epoch):
-    """Fills in the knobs derived from the run's length, says which, and
-    writes the resulting config.json; returns (config, {knob: derived value})."""
-    config, derived = config.for_budget(steps_per_epoch)
+def save_config(config, derived, steps_per_epoch):
+    """Says which knobs were derived from the run's length, and writes config.json."""
     for name, value in derived.items():
         logger.warning("%s %s, derived from the run's length (%d steps); give the flag "
                        "to override", flag(name), value, config.epochs * steps_per_epoch)
-    os.makedirs(config.run_dir, exist_ok=True)
-    config.save(os.path.join(config.run_dir, "config.json"))
-    return config, derived
+    try:
+        os.makedirs(config.run_dir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--run-dir {config.run_dir} cannot be created: "
+                          f"{error.strerror}") from None
+    with atomic_path(os.path.join(config.run_dir, "config.json")) as partial:
+        config.save(partial)
 
 
 def make_deterministic():
@@ -125,60 +165,110 @@ def draw_results(model, queries, run_dir):
     return pictures
 
 
-def run(config, resume=False):
-    """Runs the job and returns the report dict (also written to run_dir, or
-    on a multi-worker cluster's non-chief tasks to its worker subdirectory)."""
-    subdir = distribute.worker_subdir()
-    if subdir:
-        config = config.replace(run_dir=os.path.join(config.run_dir, subdir))
-    config = prepare_run_dir(config, resume)
-    strategy = distribute.make_strategy(config.strategy)  # Before other TF work.
-    keras.utils.set_random_seed(config.seed)
-    train_set, test_set = data.load_train_and_eval(config)
-    steps_per_epoch = len(train_set) // config.batch_size
-    config, derived = save_config(config, steps_per_epoch)
-    augmentation, pretrain_data = pretrain_inputs(config, train_set)
-    model = build_model(config, train_set, strategy)
-    memory, queries = labelled_memory(train_set, test_set, config.seed)
-    random_init = evaluate_backbone(model.backbone, memory, queries, config)
-    draw_views(train_set, augmentation, config.run_dir)
-
-    collapse = CollapseMonitor(config.proj_dim)
+def pretraining_callbacks(config, collapse, stop, memory, queries, resume):
+    """model.fit's callbacks: the monitors first (their values reach the CSV
+    and TensorBoard logs), then the stops (before the backup saves an epoch
+    they reject), the backup, and the logs."""
     callbacks = [collapse]
     if config.strength_ramp:
         callbacks.append(StrengthRamp(config.epochs, config.strength_ramp))
     if config.knn_every:
         callbacks.append(KNNMonitor(memory, queries, config.knn_k, config.knn_t,
                                     config.knn_every))
-    callbacks += [
-        keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup")),
+    return callbacks + [
+        DivergenceGuard(config.run_dir, config.base_lr),
+        SignalStop(stop, config.run_dir),
+        # Kept until the report is written (run deletes it), so that a run
+        # stopped while evaluating resumes there rather than training again.
+        keras.callbacks.BackupAndRestore(os.path.join(config.run_dir, "backup"),
+                                         double_checkpoint=True, delete_checkpoint=False),
         ResumableCSVLogger(os.path.join(config.run_dir, "history.csv"), append=resume),
         keras.callbacks.TensorBoard(os.path.join(config.run_dir, "logs")),
     ]
-    start = time.time()
-    history = model.fit(pretrain_data, epochs=config.epochs, callbacks=callbacks, shuffle=False)
-    train_seconds = time.time() - start
 
-    model.save(os.path.join(config.run_dir, "model.keras"))
-    model.backbone.save(os.path.join(config.run_dir, "encoder.keras"))
-    pretrained = evaluate_backbone(model.backbone, memory, queries, config)
-    report = {
-        "config": config.to_dict(),
-        "data": {"train_images": len(train_set), "test_images": len(test_set),
-                 "image_shape": list(train_set.images.shape[1:]),
-                 "num_classes": train_set.num_classes},
-        "pretrained": pretrained,
-        "random_init": random_init,
-        "final_loss": history.history["loss"][-1],
-        "final_z_std": history.history["z_std"][-1],
-        "collapsed_at_epoch": collapse.collapsed_at,
-        "train_seconds": train_seconds,
-        "steps": config.epochs * steps_per_epoch,
-        "derived": derived,
-    }
-    report["pictures"] = draw_results(model, queries, config.run_dir)
-    if model.probe is not None:
-        report["online_probe_accuracy"] = online_probe_accuracy(
-            model, test_set.images, test_set.labels)
-    write_report(report, config.run_dir)
-    return report
+
+def history_rows(history_csv):
+    """The rows of history.csv, each {column: float} (NA columns left out):
+    every epoch, also those trained before a resume."""
+    with open(history_csv, newline="") as f:
+        return [{key: float(value) for key, value in row.items() if value not in ("", "NA")}
+                for row in csv.DictReader(f)]
+
+
+def export(model, run_dir):
+    """model.keras and encoder.keras, each written whole or not at all."""
+    for network, name in ((model, "model.keras"), (model.backbone, "encoder.keras")):
+        with atomic_path(os.path.join(run_dir, name)) as partial:
+            network.save(partial)
+
+
+def run(config, resume=False, given=None):
+    """Runs the job and returns the report dict (also written to run_dir, or
+    on a multi-worker cluster's non-chief tasks to its worker subdirectory).
+
+    Every check that can refuse the run (config, run directory, resume,
+    data, model) passes before anything is written. SIGINT and SIGTERM stop
+    it at the end of a step (`faults.Interrupted`); a non-finite loss or
+    weight stops it before the weights are saved (`faults.Diverged`); both
+    keep the last epoch's checkpoint for `--resume`, which `given` (the
+    knobs set on the command line) must not contradict.
+    """
+    with StopOnSignal() as stop:
+        subdir = distribute.worker_subdir()
+        if subdir:
+            config = config.replace(run_dir=os.path.join(config.run_dir, subdir))
+        config = prepare_run_dir(config, resume, given)
+        strategy = distribute.make_strategy(config.strategy)  # Before other TF work.
+        keras.utils.set_random_seed(config.seed)
+        train_set, test_set = data.load_train_and_eval(config)
+        steps_per_epoch = len(train_set) // config.batch_size
+        config, derived = config.for_budget(steps_per_epoch)
+        augmentation, pretrain_data = pretrain_inputs(config, train_set)
+        model = build_model(config, train_set, strategy)
+        memory, queries = labelled_memory(train_set, test_set, config.seed)
+
+        save_config(config, derived, steps_per_epoch)
+        stop.run_dir = config.run_dir
+        random_init = evaluate_backbone(model.backbone, memory, queries, config)
+        draw_views(train_set, augmentation, config.run_dir)
+        report = {
+            "config": config.to_dict(),
+            "data": {"train_images": len(train_set), "test_images": len(test_set),
+                     "image_shape": list(train_set.images.shape[1:]),
+                     "num_classes": train_set.num_classes},
+            "random_init": random_init,
+            "steps": config.epochs * steps_per_epoch,
+            "derived": derived,
+        }
+        collapse = CollapseMonitor(config.proj_dim, stop=config.stop_on_collapse)
+        callbacks = pretraining_callbacks(config, collapse, stop, memory, queries, resume)
+        start = time.time()
+        try:
+            model.fit(pretrain_data, epochs=config.epochs, callbacks=callbacks, shuffle=False)
+        except Diverged as error:
+            report["diverged"] = {"epoch": error.epoch, "step": error.step, "what": error.what}
+            write_report(report, config.run_dir)
+            raise
+        finally:
+            stop.training = False  # a signal from here on stops at once
+        train_seconds = time.time() - start
+
+        export(model, config.run_dir)
+        rows = history_rows(os.path.join(config.run_dir, "history.csv"))
+        final = rows[-1]
+        report.update({
+            "pretrained": evaluate_backbone(model.backbone, memory, queries, config),
+            "final_loss": final["loss"],
+            "final_z_std": final["z_std"],
+            "final_z_rank": final["z_rank"],
+            "collapsed_at_epoch": next((int(row["epoch"]) + 1 for row in rows
+                                        if collapse.is_collapsed(row)), None),
+            "train_seconds": train_seconds,
+        })
+        report["pictures"] = draw_results(model, queries, config.run_dir)
+        if model.probe is not None:
+            report["online_probe_accuracy"] = online_probe_accuracy(
+                model, test_set.images, test_set.labels)
+        write_report(report, config.run_dir)
+        shutil.rmtree(os.path.join(config.run_dir, "backup"), ignore_errors=True)
+        return report

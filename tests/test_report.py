@@ -15,7 +15,7 @@ def report_with(knn, linear, random_knn, random_linear, num_classes=10):
                  "num_classes": num_classes},
         "pretrained": {"knn_accuracy": knn, "linear_accuracy": linear},
         "random_init": {"knn_accuracy": random_knn, "linear_accuracy": random_linear},
-        "final_loss": -0.5, "final_z_std": 0.044, "collapsed_at_epoch": None,
+        "final_loss": -0.5, "final_z_std": 0.044, "final_z_rank": 0.6, "collapsed_at_epoch": None,
         "train_seconds": 100.0, "steps": 460, "derived": {"pred_lr_scale": 30.0},
     }
 
@@ -48,3 +48,15 @@ def test_the_report_opens_with_the_verdict_and_lists_the_derived_knobs():
     assert lines[2] == verdict(report)
     assert lines[4].startswith("| encoder |") and "| pretrained | 68.80 | 55.00 |" in lines
     assert any("460 steps" in line and "--pred-lr-scale 30.0" in line for line in lines)
+
+
+def test_a_diverged_run_reports_where_and_no_pretrained_numbers():
+    report = report_with(0.0, 0.0, 0.272, 0.41)
+    for key in ("pretrained", "final_loss", "final_z_std", "final_z_rank", "collapsed_at_epoch"):
+        del report[key]
+    report["diverged"] = {"epoch": 3, "step": 7, "what": "the loss (nan)"}
+    sentence = verdict(report)
+    assert sentence.startswith("Pretraining diverged at epoch 3, step 7 (the loss (nan)")
+    assert "nothing was exported" in sentence and "--base-lr (this run: 0.12)" in sentence
+    text = markdown(report)
+    assert "| random initialisation | 72.80 | 59.00 |" in text and "| pretrained |" not in text

@@ -16,8 +16,7 @@ import keras_tuner
 
 from simclic_tf import data
 from simclic_tf.callbacks import CollapseMonitor
-from simclic_tf.cli import choice_names, value_type
-from simclic_tf.config import ConfigError, SimCLICConfig, flag
+from simclic_tf.config import ConfigError, SimCLICConfig, choice_names, flag, value_type
 from simclic_tf.evaluation import evaluate_backbone
 from simclic_tf.registry import PERTURBATIONS
 from simclic_tf.run import build_model, pretrain_inputs

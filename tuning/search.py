@@ -205,7 +205,7 @@ def write_outputs(search, tuner, hp):
     """results.md/.csv, trials.csv and best_config.json; returns the markdown."""
     records = table.trial_records(tuner.oracle)
     config = search.config
-    threshold = CollapseMonitor(config.proj_dim).threshold
+    collapse = CollapseMonitor(config.proj_dim)
     fields = [p.name for p in hp.space]
     kind = "kNN" if search.objective == "knn" else "linear"
     notes = [
@@ -216,14 +216,14 @@ def write_outputs(search, tuner, hp):
            and search.ablation not in ("perturbation", "strength") else ""),
         f"error % on a {100 * search.val_fraction:g} % validation split held out from the "
         f"training data (seed {config.seed}); objective: {kind} accuracy (max); "
-        f"collapsed: final z_std below {threshold:.2e} (healthy about "
+        f"collapsed: final {collapse.describe()} (healthy z_std about "
         f"1/sqrt({config.proj_dim}) = {config.proj_dim ** -0.5:.4f})",
     ]
     done = len(table.completed(records))
     if search.ablation != "strength":
         variants = list(next(p for p in hp.space if p.name == search.ablation).values)
         title, header, rows = table.discrete_table(
-            search.ablation, variants, records, search.objective, threshold,
+            search.ablation, variants, records, search.objective, collapse,
             extra=[f for f in fields if f != search.ablation])
         notes.append(f"{done} of {len(grid(hp))} grid points completed" if is_discrete(hp)
                      else f"{done} trials completed")
@@ -231,7 +231,7 @@ def write_outputs(search, tuner, hp):
     else:
         title, header, rows = table.continuous_table(
             f"Effect of the {config.perturbation} perturbation's strength", fields, records,
-            threshold)
+            collapse)
         notes.append(f"{done} trials completed")
         by_column = False
     best = table.best_record(records, search.objective)

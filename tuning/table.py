@@ -1,6 +1,7 @@
 """The results of an ablation search as the paper prints them: one column per
 variant (Tables 4 to 6: "Effect of predictor h", ...) with the error rate
-(100 - accuracy %) on the validation split and the final `z_std`; for a
+(100 - accuracy %) on the validation split, the final collapse signals and
+whether they show a collapse (`callbacks.CollapseMonitor`); for a
 continuous search (strength) one row per trial. Written as `results.md` and
 `results.csv`, and every trial in long form as `trials.csv`.
 
@@ -33,6 +34,7 @@ LABELS = {
         "target": "Target branch", "online": "Online branch (before h)"}),
 }
 KINDS = (("knn", "kNN error %"), ("linear", "linear error %"))
+SIGNALS = ("z_std", "z_rank")
 
 
 def optional_error(record, kind):
@@ -41,11 +43,11 @@ def optional_error(record, kind):
     return None if accuracy is None else error_percent(accuracy)
 
 
-def collapsed(record, threshold):
-    """"yes" when the record's final z_std is below `threshold`, else "no";
-    None when z_std was not measured."""
-    z_std = record["metrics"].get("z_std")
-    return None if z_std is None else ("yes" if z_std < threshold else "no")
+def collapsed(record, monitor):
+    """"yes" when the `callbacks.CollapseMonitor` finds the record's final
+    metrics collapsed, else "no"; None when they hold no collapse signal."""
+    verdict = monitor.is_collapsed(record["metrics"])
+    return None if verdict is None else ("yes" if verdict else "no")
 
 
 def trial_records(oracle):
@@ -77,7 +79,7 @@ def _kinds(records):
             if any(objective_name(kind) in r["metrics"] for r in records)]
 
 
-def discrete_table(ablation, variants, records, objective, collapse_threshold, extra=()):
+def discrete_table(ablation, variants, records, objective, collapse, extra=()):
     """(title, header, rows) of a table with one column per variant (in the
     paper's order), the best completed trial of each; cells are numbers,
     strings, or None for a variant not run yet."""
@@ -90,9 +92,10 @@ def discrete_table(ablation, variants, records, objective, collapse_threshold, e
     for kind, row_title in _kinds(records) or [(objective, KINDS[0][1])]:
         rows.append([row_title] + [None if r is None else optional_error(r, kind)
                                    for r in chosen])
-    rows.append(["final z_std"] + [None if r is None else r["metrics"].get("z_std")
-                                   for r in chosen])
-    rows.append(["collapsed"] + [None if r is None else collapsed(r, collapse_threshold)
+    for signal in SIGNALS:
+        rows.append([f"final {signal}"] + [None if r is None else r["metrics"].get(signal)
+                                           for r in chosen])
+    rows.append(["collapsed"] + [None if r is None else collapsed(r, collapse)
                                  for r in chosen])
     for name in extra:
         rows.append([name] + [None if r is None else r["values"].get(name) for r in chosen])
@@ -100,16 +103,18 @@ def discrete_table(ablation, variants, records, objective, collapse_threshold, e
     return title, header, rows
 
 
-def continuous_table(title, fields, records, collapse_threshold):
+def continuous_table(title, fields, records, collapse):
     """(title, header, rows): one row per completed trial, sorted by the tuned values."""
     kinds = _kinds(records)
-    header = list(fields) + [t for _, t in kinds] + ["final z_std", "collapsed", "trial"]
+    header = (list(fields) + [t for _, t in kinds] + [f"final {signal}" for signal in SIGNALS]
+              + ["collapsed", "trial"])
     rows = []
     for r in sorted(completed(records), key=lambda r: [r["values"].get(f) for f in fields]):
         rows.append(
             [r["values"].get(f) for f in fields]
             + [optional_error(r, kind) for kind, _ in kinds]
-            + [r["metrics"].get("z_std"), collapsed(r, collapse_threshold), r["trial_id"]])
+            + [r["metrics"].get(signal) for signal in SIGNALS]
+            + [collapsed(r, collapse), r["trial_id"]])
     return title, header, rows
 
 
