@@ -18,7 +18,7 @@ import pytest
 import train
 from simclic_tf import SimCLICConfig
 from simclic_tf import run as run_module
-from simclic_tf.callbacks import ResumableCSVLogger, SignalStop
+from simclic_tf.callbacks import ResumableCSVLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
@@ -266,6 +266,7 @@ def test_a_signal_stops_at_the_next_step_with_one_line_and_resumes(tmp_path, sig
 def test_a_signal_between_steps_stops_once_the_epoch_is_saved(tmp_path):
     """A signal recorded in an epoch-end monitor stops training at the next
     epoch's start, or after the last epoch, never in the middle of saving."""
+    from simclic_tf.callbacks import SignalStop
     from simclic_tf.faults import Interrupted, StopOnSignal
 
     class SignalInMonitor(keras.callbacks.Callback):
