@@ -296,15 +296,16 @@ class SimCLICConfig:
         if name not in recipe_names():
             raise ConfigError(f"--recipe {name!r} is not a shipped preset; choose one of: "
                               f"{', '.join(recipe_names())}")
-        return cls.load(RECIPE_DIR / f"{name}.json")
+        return cls.load(RECIPE_DIR / f"{name}.json", source="--recipe")
 
     @classmethod
-    def load(cls, path, base=None):
-        """The JSON config file at `path` (all knobs or some) over `base`."""
+    def load(cls, path, base=None, source="--config"):
+        """The JSON config file at `path` (all knobs or some) over `base`;
+        errors start with `source` (the flag that named the file) and `path`."""
         try:
             return cls.from_dict(read_values(path), base)
         except ConfigError as error:
-            raise ConfigError(f"--config {path}: {error}") from None
+            raise ConfigError(f"{source} {path}: {error}") from None
 
 
 def read_values(path):

@@ -74,7 +74,7 @@ def prepare_run_dir(config, resume, given=None):
     if os.path.exists(report_path):
         with open(report_path) as f:
             raise RunFinished(config.run_dir, json.load(f).get("diverged"))
-    saved = SimCLICConfig.load(config_path).replace(run_dir=config.run_dir)
+    saved = SimCLICConfig.load(config_path, source="--resume").replace(run_dir=config.run_dir)
     differing = [f"{flag(name)} {value} (saved: {getattr(saved, name)})"
                  for name, value in sorted((given or {}).items())
                  if name != "run_dir" and getattr(saved, name) != value]

@@ -130,6 +130,34 @@ def test_resume_on_a_finished_run_says_so_and_changes_nothing(finished_run, caps
     assert {name: (finished_run / name).read_bytes() for name in before} == before
 
 
+def test_a_run_stopped_while_evaluating_resumes_there_without_training(tmp_path, monkeypatch):
+    def killed_while_drawing(*args):
+        raise Killed
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "draw_results", killed_while_drawing)
+        with pytest.raises(Killed):
+            train.main(TINY + ["--epochs", "2", "--run-dir", str(run_dir)])
+    assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+    assert train.main(["--run-dir", str(run_dir), "--resume"]) == 0
+    assert epochs_in(run_dir) == ["0", "1"]
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    assert int(model.optimizer.iterations) == 2 * (1437 // 64)  # no step trained again
+    report = json.loads((run_dir / "report.json").read_text())
+    with open(run_dir / "history.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert report["final_z_rank"] == pytest.approx(float(last["z_rank"]))
+    assert not (run_dir / "backup").exists()
+
+
+def test_resume_of_an_unreadable_saved_config_names_it(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"epochs": 2')
+    code, message = refused(["--run-dir", str(tmp_path / "run"), "--resume"], capsys)
+    assert code == 2 and f"--resume {tmp_path / 'run' / 'config.json'}: cannot read" in message
+
+
 def test_a_resumed_csv_log_never_holds_an_epoch_twice(tmp_path):
     """Rows written after the last checkpoint (a kill between the two, or a
     row cut short) are dropped when training resumes at that epoch."""
@@ -295,8 +323,8 @@ def test_stop_on_collapse_ends_simsiam_without_stop_gradient(tmp_path, capsys):
     healthy run quiet on the same budget); --stop-on-collapse ends it there."""
     run_dir = tmp_path / "run"
     assert train.main(TINY + ["--perturbation", "none", "--no-stop-gradient", "--base-lr", "1.0",
-                              "--epochs", "8", "--stop-on-collapse",
-                              "--run-dir", str(run_dir)]) == 0
+                              "--pred-lr-scale", "1", "--no-fix-pred-lr", "--epochs", "8",
+                              "--stop-on-collapse", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     epoch = report["collapsed_at_epoch"]
     assert epoch is not None and epoch < 8 and report["final_z_rank"] < 0.25
