@@ -8,6 +8,7 @@ metadata (`help`, `choices`, `range`), so a knob is declared exactly once.
 import dataclasses
 import json
 import math
+import numbers
 import typing
 from pathlib import Path
 from typing import Optional
@@ -46,12 +47,16 @@ def choice_names(choices):
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+NUMBER_TYPES = {int: numbers.Integral, float: numbers.Real}
+
+
 def has_type(value, kind):
     """Whether `value` is a `kind` as a config file must spell it: bool is not
-    an int (JSON's true is not 1), and an int is a float."""
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    a number (JSON's true is not 1), an integer is a float, and numpy's
+    scalars count as Python's."""
+    if kind in NUMBER_TYPES:
+        return isinstance(value, NUMBER_TYPES[kind]) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +203,8 @@ class SimCLICConfig:
         if not has_type(value, kind):
             raise ConfigError(f"{flag(field.name)} {value!r} is not accepted; expected "
                               f"{TYPE_NAMES[kind]}{self._accepted(field)}")
-        if kind is float:
-            object.__setattr__(self, field.name, float(value))
+        if kind in NUMBER_TYPES:  # Python's own, for config.json and the tuner
+            object.__setattr__(self, field.name, kind(value))
         choices = field.metadata["choices"]
         if choices is not None:
             names = choice_names(choices)

@@ -95,8 +95,12 @@ def test_a_config_file_value_of_the_wrong_type_names_file_and_knob(tmp_path, cap
 def test_the_python_api_checks_types_too():
     with pytest.raises(ValueError, match="--epochs 2.5 is not accepted; expected an integer"):
         SimCLICConfig(epochs=2.5)
-    assert SimCLICConfig(base_lr=1).base_lr == 1.0 and isinstance(SimCLICConfig(base_lr=1).base_lr,
-                                                                 float)
+    with pytest.raises(ValueError, match="--width 8.0 is not accepted; expected an integer"):
+        SimCLICConfig(width=8.0)
+    # numpy's scalars (a tuner's, an array's shape) are stored as Python's.
+    config = SimCLICConfig(base_lr=1, width=np.int64(8), strength=np.float32(0.5))
+    assert (type(config.base_lr), type(config.width), type(config.strength)) == (float, int, float)
+    assert config.to_dict()["width"] == 8 and json.dumps(config.to_dict())
 
 
 def test_a_single_class_evaluation_set_is_refused(tmp_path, capsys):
