@@ -109,14 +109,13 @@ class CollapseMonitor(keras.callbacks.Callback):
 class DivergenceGuard(keras.callbacks.Callback):
     """Raises `Diverged` at the first step whose loss is not finite, and at
     the end of an epoch whose weights are not all finite (before the backup
-    saves them). Keras's TerminateOnNaN stops through `stop_training`,
+    saves them), with advice for the run's `config`. Keras's TerminateOnNaN stops through `stop_training`,
     which ends the run as if it had completed (the backup is deleted, the
     weights exported) and names no epoch."""
 
-    def __init__(self, run_dir, base_lr):
+    def __init__(self, config):
         super().__init__()
-        self.run_dir = run_dir
-        self.base_lr = base_lr
+        self.config = config
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -125,14 +124,14 @@ class DivergenceGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.all(np.isfinite(loss)):
-            raise Diverged(self.run_dir, self.epoch, batch + 1,
-                           f"the loss ({float(np.ravel(loss)[0])})", self.base_lr)
+            raise Diverged(self.config, self.epoch, batch + 1,
+                           f"the loss ({float(np.ravel(loss)[0])})")
 
     def on_epoch_end(self, epoch, logs=None):
         for variable in self.model.weights:
             if not bool(keras.ops.all(keras.ops.isfinite(variable))):
-                raise Diverged(self.run_dir, self.epoch, self.params["steps"],
-                               f"the weight {variable.path}", self.base_lr)
+                raise Diverged(self.config, self.epoch, self.params["steps"],
+                               f"the weight {variable.path}")
 
 
 class SignalStop(keras.callbacks.Callback):

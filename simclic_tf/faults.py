@@ -39,15 +39,22 @@ class RunFinished(Exception):
 class Diverged(Exception):
     """A non-finite loss or weight: training stopped before exporting anything."""
 
-    def __init__(self, run_dir, epoch, step, what, base_lr):
+    def __init__(self, config, epoch, step, what):
         self.epoch, self.step, self.what = epoch, step, what
         checkpoint = (f"the last good checkpoint (end of epoch {epoch - 1}) is in "
-                      f"{os.path.join(run_dir, 'backup')}" if epoch > 1
+                      f"{os.path.join(config.run_dir, 'backup')}" if epoch > 1
                       else "there is no good checkpoint (it diverged in the first epoch)")
         super().__init__(
             f"DIVERGED at epoch {epoch}, step {step}: {what} is not finite. Nothing was "
-            f"exported; {checkpoint}. Try a lower --base-lr (this run: {base_lr:g}), "
-            "--warmup-epochs 1 or more, or --precision float32, in a new --run-dir.")
+            f"exported; {checkpoint}. Try {divergence_advice(config)}, in a new --run-dir.")
+
+
+def divergence_advice(config):
+    """What to try after a divergence, for a run of `config`."""
+    advice = [f"a lower --base-lr (this run: {config.base_lr:g})", "--warmup-epochs 1 or more"]
+    if config.precision != "float32":
+        advice.append(f"--precision float32 (this run: {config.precision})")
+    return ", ".join(advice[:-1]) + " or " + advice[-1]
 
 
 class Interrupted(Exception):

@@ -5,7 +5,8 @@ import json
 import os
 
 from simclic_tf.callbacks import COLLAPSED_RANK
-from simclic_tf.faults import atomic_path
+from simclic_tf.config import SimCLICConfig
+from simclic_tf.faults import atomic_path, divergence_advice
 
 METRICS = (("knn_accuracy", "kNN (k={knn_k}, t={knn_t}) error %"),
            ("linear_accuracy", "linear error %"),
@@ -22,10 +23,10 @@ def verdict(report):
     much, against chance, and what to try when it did not; or that it diverged."""
     if "diverged" in report:
         diverged = report["diverged"]
+        advice = divergence_advice(SimCLICConfig.from_dict(report["config"]))
         return (f"Pretraining diverged at epoch {diverged['epoch']}, step {diverged['step']} "
-                f"({diverged['what']} is not finite): nothing was exported. Try a lower "
-                f"--base-lr (this run: {report['config']['base_lr']:g}) or --warmup-epochs "
-                "1 or more, in a new --run-dir.")
+                f"({diverged['what']} is not finite): nothing was exported. Try {advice}, "
+                "in a new --run-dir.")
     pretrained, random_init = report["pretrained"], report["random_init"]
     moves = []
     for key, name in (("knn_accuracy", "kNN"), ("linear_accuracy", "linear")):

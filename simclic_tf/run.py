@@ -176,7 +176,7 @@ def pretraining_callbacks(config, collapse, stop, memory, queries, resume):
         callbacks.append(KNNMonitor(memory, queries, config.knn_k, config.knn_t,
                                     config.knn_every))
     return callbacks + [
-        DivergenceGuard(config.run_dir, config.base_lr),
+        DivergenceGuard(config),
         SignalStop(stop, config.run_dir),
         # Kept until the report is written (run deletes it), so that a run
         # stopped while evaluating resumes there rather than training again.
