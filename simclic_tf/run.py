@@ -3,9 +3,10 @@
 initialisation), export and report, in one run directory:
 
     run_dir/config.json     the knobs, read back by --resume
+    run_dir/data.json       the data's sizes, which --resume checks
     run_dir/logs/           TensorBoard
-    run_dir/backup/         the last epoch's checkpoint while training runs
-    run_dir/history.csv     per-epoch loss, z_std, knn_accuracy
+    run_dir/backup/         the last epoch's checkpoint until the report is written
+    run_dir/history.csv     per-epoch loss, z_std, z_rank, knn_accuracy
     run_dir/model.keras     the full SimCLIC model (history buffer included)
     run_dir/encoder.keras   the backbone alone, for downstream use
     run_dir/report.json, report.md
@@ -42,7 +43,10 @@ def check_run_dir(run_dir):
     if not run_dir:
         raise ConfigError("--run-dir is empty; give the path of a folder (created if missing)")
     path = Path(run_dir).absolute()
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    try:
+        existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    except OSError as error:  # a name too long, say
+        raise ConfigError(f"--run-dir {run_dir} cannot be a folder: {error.strerror}") from None
     if not existing.is_dir():
         where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
         raise ConfigError(f"--run-dir {run_dir} {where}; give the path of a folder "
@@ -86,8 +90,32 @@ def prepare_run_dir(config, resume, given=None):
     return saved
 
 
-def save_config(config, derived, steps_per_epoch):
-    """Says which knobs were derived from the run's length, and writes config.json."""
+def data_summary(train_set, test_set):
+    """What a run's history buffer and evaluation depend on in its data."""
+    return {"train_images": len(train_set), "test_images": len(test_set),
+            "image_shape": list(train_set.images.shape[1:]),
+            "num_classes": train_set.num_classes}
+
+
+def check_same_data(run_dir, summary):
+    """On resume: refuses data that differ from those the run started with
+    (data.json), whose history buffer would not fit the checkpoint."""
+    path = os.path.join(run_dir, "data.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    differing = [f"{key} {summary[key]} (saved: {saved[key]})" for key in sorted(summary)
+                 if saved.get(key) != summary[key]]
+    if differing:
+        raise ConfigError(
+            f"--resume: the data differ from those the run in {run_dir} started with: "
+            f"{'; '.join(differing)}; restore them, or start a new --run-dir")
+
+
+def save_config(config, derived, steps_per_epoch, summary):
+    """Says which knobs were derived from the run's length, and writes
+    config.json and data.json (the data's `summary`, checked on resume)."""
     for name, value in derived.items():
         logger.warning("%s %s, derived from the run's length (%d steps); give the flag "
                        "to override", flag(name), value, config.epochs * steps_per_epoch)
@@ -96,6 +124,9 @@ def save_config(config, derived, steps_per_epoch):
     except OSError as error:
         raise ConfigError(f"--run-dir {config.run_dir} cannot be created: "
                           f"{error.strerror}") from None
+    with atomic_path(os.path.join(config.run_dir, "data.json")) as partial, \
+            open(partial, "w") as f:
+        json.dump(summary, f, indent=2)
     with atomic_path(os.path.join(config.run_dir, "config.json")) as partial:
         config.save(partial)
 
@@ -221,21 +252,22 @@ def run(config, resume=False, given=None):
         strategy = distribute.make_strategy(config.strategy)  # Before other TF work.
         keras.utils.set_random_seed(config.seed)
         train_set, test_set = data.load_train_and_eval(config)
+        summary = data_summary(train_set, test_set)
+        if resume:
+            check_same_data(config.run_dir, summary)
         steps_per_epoch = len(train_set) // config.batch_size
         config, derived = config.for_budget(steps_per_epoch)
         augmentation, pretrain_data = pretrain_inputs(config, train_set)
         model = build_model(config, train_set, strategy)
         memory, queries = labelled_memory(train_set, test_set, config.seed)
 
-        save_config(config, derived, steps_per_epoch)
+        save_config(config, derived, steps_per_epoch, summary)
         stop.run_dir = config.run_dir
         random_init = evaluate_backbone(model.backbone, memory, queries, config)
         draw_views(train_set, augmentation, config.run_dir)
         report = {
             "config": config.to_dict(),
-            "data": {"train_images": len(train_set), "test_images": len(test_set),
-                     "image_shape": list(train_set.images.shape[1:]),
-                     "num_classes": train_set.num_classes},
+            "data": summary,
             "random_init": random_init,
             "steps": config.epochs * steps_per_epoch,
             "derived": derived,

@@ -38,6 +38,14 @@ def refused(argv, capsys):
     return exit_info.value.code, capsys.readouterr().err.splitlines()[-1]
 
 
+class Killed(Exception):
+    """Stands for a kill -9 at a chosen point of a run."""
+
+
+def kill(*args, **kwargs):
+    raise Killed
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("finished") / "run"
@@ -68,7 +76,8 @@ def test_a_refused_start_leaves_the_run_dir_as_it_found_it(tmp_path, capsys, arg
 def test_a_run_dir_that_cannot_be_a_folder_is_a_clear_error(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    for run_dir, words in ((afile, "is a file"), (afile / "run", f"{afile} is a file")):
+    for run_dir, words in ((afile, "is a file"), (afile / "run", f"{afile} is a file"),
+                           (tmp_path / ("x" * 300), "File name too long")):
         code, message = refused(TINY + ["--run-dir", str(run_dir)], capsys)
         assert code == 2 and f"--run-dir {run_dir}" in message and words in message
     assert afile.read_text() == "not a folder"
@@ -135,12 +144,9 @@ def test_resume_on_a_finished_run_says_so_and_changes_nothing(finished_run, caps
 
 
 def test_a_run_stopped_while_evaluating_resumes_there_without_training(tmp_path, monkeypatch):
-    def killed_while_drawing(*args):
-        raise Killed
-
     run_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "draw_results", killed_while_drawing)
+        patch.setattr(run_module, "draw_results", kill)
         with pytest.raises(Killed):
             train.main(TINY + ["--epochs", "2", "--run-dir", str(run_dir)])
     assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 2
@@ -153,6 +159,23 @@ def test_a_run_stopped_while_evaluating_resumes_there_without_training(tmp_path,
         last = list(csv.DictReader(f))[-1]
     assert report["final_z_rank"] == pytest.approx(float(last["z_rank"]))
     assert not (run_dir / "backup").exists()
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 255, (300, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "set.npz", x=images, y=np.arange(300) % 3)
+    run_dir = tmp_path / "run"
+    argv = TINY + ["--dataset", f"npz:{tmp_path / 'set.npz'}", "--linear-epochs", "0",
+                   "--run-dir", str(run_dir)]
+    with pytest.MonkeyPatch.context() as patch:  # stopped once config.json and data.json exist
+        patch.setattr(run_module, "evaluate_backbone", kill)
+        with pytest.raises(Killed):
+            train.main(argv + ["--epochs", "1"])
+    np.savez(tmp_path / "set.npz", x=images[:240], y=np.arange(240) % 3)
+    before = sorted(os.listdir(run_dir))
+    code, message = refused(["--run-dir", str(run_dir), "--resume"], capsys)
+    assert code == 2 and "the data differ" in message and "train_images 192 (saved: 240)" in message
+    assert sorted(os.listdir(run_dir)) == before
 
 
 def test_resume_of_an_unreadable_saved_config_names_it(tmp_path, capsys):
@@ -173,10 +196,6 @@ def test_a_resumed_csv_log_never_holds_an_epoch_twice(tmp_path):
               callbacks=[ResumableCSVLogger(path, append=True)])
     assert [row.split(",")[0] for row in path.read_text().splitlines()] == [
         "epoch", "0", "1", "2", "3"]
-
-
-class Killed(Exception):
-    pass
 
 
 def test_a_kill_during_an_export_leaves_no_truncated_file(tmp_path, monkeypatch):
