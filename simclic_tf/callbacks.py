@@ -109,9 +109,9 @@ class CollapseMonitor(keras.callbacks.Callback):
 class DivergenceGuard(keras.callbacks.Callback):
     """Raises `Diverged` at the first step whose loss is not finite, and at
     the end of an epoch whose weights are not all finite (before the backup
-    saves them), with advice for the run's `config`. Keras's TerminateOnNaN stops through `stop_training`,
-    which ends the run as if it had completed (the backup is deleted, the
-    weights exported) and names no epoch."""
+    saves them), with advice for the run's `config`. Keras's TerminateOnNaN
+    stops through `stop_training`, which ends the run as if it had completed
+    (the backup is deleted, the weights exported) and names no epoch."""
 
     def __init__(self, config):
         super().__init__()
