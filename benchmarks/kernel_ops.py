@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import kernels  # noqa: E402
+from simclic_tf import kernels  # noqa: E402
 from simclic_tf import SimCLICConfig  # noqa: E402
 from step_overhead import train_function  # noqa: E402  (benchmarks/ is sys.path[0])
 

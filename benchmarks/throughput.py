@@ -48,7 +48,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import kernels  # noqa: E402
+from simclic_tf import kernels  # noqa: E402
 from simclic_tf import augment, data  # noqa: E402
 from simclic_tf.config import SimCLICConfig  # noqa: E402
 from simclic_tf.run import build_model  # noqa: E402

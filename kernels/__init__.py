@@ -16,8 +16,8 @@ import collections
 import logging
 import threading
 
-from kernels.history import history_exchange
-from kernels.noise import representation_noise
+from simclic_tf.kernels.history import history_exchange
+from simclic_tf.kernels.noise import representation_noise
 
 __all__ = ["IMPLEMENTATIONS", "Kernels", "history_exchange", "representation_noise",
            "select"]
@@ -36,7 +36,7 @@ _warned = set()
 
 
 def _custom_op_kernels():
-    from kernels import custom_op
+    from simclic_tf.kernels import custom_op
 
     custom_op.ops()  # Compiles (first use) and loads, or raises BuildError.
     return Kernels("custom_op", custom_op.history_exchange, custom_op.representation_noise)
@@ -57,7 +57,7 @@ def select(kernel_impl="auto"):
         return TF_KERNELS
     if kernel_impl == "custom_op":
         return _custom_op_kernels()
-    from kernels.build import BuildError
+    from simclic_tf.kernels.build import BuildError
 
     try:
         return _custom_op_kernels()

@@ -56,9 +56,9 @@ computed in float32, returned in x's dtype; d(out)/dx is the identity.
 
 import tensorflow as tf
 
-from kernels import build
-from kernels.history import check_indices, in_xla_context, prepare_arguments
-from kernels.noise import seed_to_int32
+from simclic_tf.kernels import build
+from simclic_tf.kernels.history import check_indices, in_xla_context, prepare_arguments
+from simclic_tf.kernels.noise import seed_to_int32
 
 __all__ = ["history_exchange", "representation_noise", "ops"]
 

@@ -90,20 +90,10 @@ Design notes
   the result does not depend on the gather order.
 """
 
+import keras
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # GraphOrParentsInXlaContext
 
-try:  # Keras 3 is optional for this module; it only adds keras.Variable support.
-    import keras
-except ImportError:  # pragma: no cover
-    keras = None
-try:  # Private Keras API; without it a StatelessScope is simply not detected.
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-except ImportError:  # pragma: no cover
-
-    def in_stateless_scope():
-        return False
-
+from simclic_tf import compat
 
 __all__ = ["history_exchange", "check_indices", "prepare_arguments"]
 
@@ -112,15 +102,13 @@ def _as_tf_variable(var, name):
     """The `tf.Variable` behind `var` (a tf.Variable or a Keras 3 Variable)."""
     if isinstance(var, tf.Variable):
         return var
-    if keras is not None and isinstance(var, keras.Variable):
-        if in_stateless_scope():
+    if isinstance(var, keras.Variable):
+        if compat.in_stateless_scope():
             raise ValueError(
                 f"history_exchange: `{name}` ({var.path}) is updated in place, "
                 "which is impossible inside a Keras StatelessScope."
             )
-        inner = getattr(var, "_value", None)
-        if inner is None:  # A lazily built variable: build it.
-            inner = var.value
+        inner = compat.tf_variable(var)
         if isinstance(inner, tf.Variable):
             return inner
     raise TypeError(
@@ -226,9 +214,7 @@ def _pick_exchange(bank):
 
 def in_xla_context():
     """Whether ops built now will be compiled by an enclosing XLA function."""
-    if tf.executing_eagerly():
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return not tf.executing_eagerly() and compat.in_xla_context()
 
 
 def check_indices(indices, num_rows, name="history_exchange"):

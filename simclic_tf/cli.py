@@ -1,46 +1,62 @@
 """Command-line flags derived from SimCLICConfig's fields, so that a knob is
-declared once (in config.py) and `train.py`, `tuning.search` and the saved
-`config.json` all agree on it."""
+declared once (in config.py) and `simclic train`, `simclic tune` and the
+saved `config.json` all agree on it."""
 
 import argparse
 import dataclasses
 
-from simclic_tf.config import (RECIPE_DIR, SimCLICConfig, choice_names, flag, read_values,
-                               recipe_names, value_type)
+from simclic_tf.config import (RECIPE_DIR, SECTIONS, SimCLICConfig, choice_names, flag,
+                               read_values, recipe_names, value_type)
 
 
 _FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
 
 
+def flag_help(field):
+    """A config field's help, then its choices or range and its default, once."""
+    text = field.metadata["help"]
+    choices, bounds = field.metadata["choices"], field.metadata["range"]
+    notes = []
+    if choices:
+        notes.append(f"one of: {', '.join(map(str, choice_names(choices)))}")
+    elif bounds:
+        notes.append(f"from {bounds[0]:g} to {bounds[1]:g}")
+    if field.default is not None and "default:" not in text:
+        default = str(field.default).lower() if isinstance(field.default, bool) else field.default
+        notes.append(f"default: {default}")
+    # argparse formats help with %: a literal one must be doubled.
+    return (text + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%")
+
+
 def add_config_flag(parser, name, default=None):
     """The flag of config field `name` (`--batch-size`, `--stop-gradient/
-    --no-stop-gradient`, ...), with the field's help, type and choices."""
+    --no-stop-gradient`, ...), with the field's help, type, choices or range."""
     field = _FIELDS[name]
     kind = value_type(field)
-    default_text = f" (default: {field.default})"
-    choices = field.metadata["choices"]
     if kind is bool:
         parser.add_argument(flag(name), action=argparse.BooleanOptionalAction,
-                            default=default, help=field.metadata["help"] + default_text)
+                            default=default, help=flag_help(field))
     else:
-        parser.add_argument(
-            flag(name), type=kind, default=default, metavar=name.upper(),
-            help=field.metadata["help"] + default_text
-            + (f"; one of: {', '.join(map(str, choice_names(choices)))}" if choices else ""))
+        parser.add_argument(flag(name), type=kind, default=default, metavar=name.upper(),
+                            help=flag_help(field))
 
 
 def add_config_flags(parser):
-    """One flag per config field, `--recipe` and `--config`. Defaults are None
-    so that only the flags given on the command line override a preset or a
-    `--config` file."""
-    for name in _FIELDS:
-        add_config_flag(parser, name)
-    parser.add_argument(
+    """`--recipe`, `--config`, then one flag per config field, grouped by the
+    config's sections. Defaults are None so that only the flags given on the
+    command line override a preset or a `--config` file."""
+    sources = parser.add_argument_group("config sources (flags given override them)")
+    sources.add_argument(
         "--recipe", choices=recipe_names(), metavar="NAME",
         help=f"start from a shipped preset, one of: {', '.join(recipe_names())} (the "
         f"JSON files in {RECIPE_DIR}: copy one, edit it, pass it as --config)")
-    parser.add_argument("--config", help="JSON config file (all knobs or some) over the "
-                        "preset; flags given override both")
+    sources.add_argument("--config", metavar="FILE",
+                         help="JSON config file (all knobs or some) over the preset")
+    starts = {first: title for title, first in SECTIONS}
+    group = None
+    for name in _FIELDS:
+        group = parser.add_argument_group(starts[name]) if name in starts else group
+        add_config_flag(group, name)
     return parser
 
 

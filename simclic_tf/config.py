@@ -59,6 +59,13 @@ def has_type(value, kind):
     return isinstance(value, kind)
 
 
+# The config's sections, each named with its first field (the fields below
+# are grouped in this order): `--help` lists the flags by them.
+SECTIONS = (("data", "dataset"), ("model", "backbone"), ("perturbation", "perturbation"),
+            ("objective", "views"), ("optimisation", "batch_size"), ("evaluation", "knn_k"),
+            ("scale", "strategy"), ("run", "seed"))
+
+
 @dataclasses.dataclass(frozen=True)
 class SimCLICConfig:
     # Data.
@@ -99,6 +106,7 @@ class SimCLICConfig:
     pred_hidden: int = knob(128, "predictor bottleneck size (the paper's 512 goes with "
                             "--proj-dim 2048)", range=(8, 65536))
     predictor: str = knob("mlp2", "predictor h", choices=PREDICTORS)
+    # Perturbation.
     perturbation: str = knob(
         "history", "how the target view is built from z", choices=PERTURBATIONS
     )
@@ -121,6 +129,7 @@ class SimCLICConfig:
         "first use), the TensorFlow functions (tf), or auto (the custom ops where they "
         "build, else tf)", choices=("auto", "custom_op", "tf")
     )
+    # Objective.
     views: int = knob(2, "augmented views per image", choices=(1, 2))
     perturb: str = knob(
         "target", "branch the perturbation is applied to", choices=("target", "online")

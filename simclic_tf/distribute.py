@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from simclic_tf import compat
 from simclic_tf.config import ConfigError, flag
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def synchronize_batch_norm(model):
     one (`synchronized=True`, saved in its config); returns how many.
     Without a multi-replica strategy it computes the same statistics."""
     count = 0
-    for layer in model._flatten_layers(include_self=True, recursive=True):
+    for layer in compat.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             count += 1
@@ -132,12 +133,10 @@ def local_variable(variable):
     """The `tf.Variable` a kernel should update in place: inside a replica,
     this replica's copy of a distributed (ON_READ) variable; else the
     variable behind a keras.Variable."""
-    inner = getattr(variable, "_value", None) if isinstance(variable, keras.Variable) else variable
-    if inner is None:
-        inner = variable.value
+    inner = compat.tf_variable(variable) if isinstance(variable, keras.Variable) else variable
     if (isinstance(inner, tf.distribute.DistributedValues)
             and tf.distribute.get_replica_context() is not None):
-        return inner._get_on_device_or_primary()
+        return compat.on_this_replica(inner)
     return inner
 
 
@@ -220,4 +219,4 @@ def jit_compile(jit, strategy):
 def is_multi_worker(strategy):
     """Whether `strategy` is a MultiWorkerMirroredStrategy with several workers."""
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
+            and compat.in_multi_worker_mode(strategy))

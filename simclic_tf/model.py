@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from simclic_tf import distribute
+from simclic_tf import compat, distribute
 from simclic_tf.backbones import build_backbone
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.heads import build_projector
@@ -46,7 +46,7 @@ def effective_rank(z):
 
 
 @keras.saving.register_keras_serializable("simclic_tf")
-class SimCLIC(keras.Model):
+class SimCLIC(compat.PrebuiltModel, keras.Model):
     """Encoder f (backbone + projector), predictor h and perturbation P.
 
     Args:
@@ -181,19 +181,6 @@ class SimCLIC(keras.Model):
                 g = g + ops.cast(config.weight_decay * decay_scale, g.dtype) * ops.cast(v, g.dtype)
             scaled.append(g * ops.cast(factors[v.path], g.dtype) if v.path in factors else g)
         return scaled
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """What Keras's symbolic build would do for this model, without it.
-
-        Every layer is built in __init__ (no metrics or loss are compiled),
-        so only the optimizer is left to build. Keras's own version first
-        reduces a distributed data batch across replicas, which fails under
-        MultiWorkerMirroredStrategy (it cannot convert the PerReplica batch).
-        """
-        if self.optimizer is not None and not self.optimizer.built:
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
-        self._post_build()
 
     def test_step(self, data):
         views, indices, *labels = data

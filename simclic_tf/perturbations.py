@@ -9,7 +9,7 @@ view; `strength` is the single knob the tuner searches.
 import keras
 from keras import ops
 
-import kernels
+from simclic_tf import kernels
 from simclic_tf import distribute
 from simclic_tf.registry import PERTURBATIONS
 

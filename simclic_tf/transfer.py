@@ -2,7 +2,7 @@
 one pretrained encoder, linear-evaluated and fine-tuned on many labelled
 datasets, printed as one table of error rates beside the paper's.
 
-    python -m simclic_tf.transfer --encoder runs/latest/encoder.keras \\
+    simclic transfer --encoder runs/latest/encoder.keras \\
         --datasets cifar10,cifar100,npz:PATH,dir:PATH [--data-dir DIR] \\
         [--linear-epochs N] [--finetune-epochs N] [--out DIR]
 
@@ -23,27 +23,23 @@ Writes `transfer.md`, `transfer.csv` and `transfer.json` in `--out` (default:
 failure keeps the columns already done.
 """
 
-import argparse
 import csv
 import dataclasses
 import json
 import logging
 import os
-import sys
 import typing
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from simclic_tf import data  # noqa: E402
-from simclic_tf.cli import add_config_flag  # noqa: E402
-from simclic_tf.config import ConfigError, SimCLICConfig, flag  # noqa: E402
-from simclic_tf.data import DataError, ImageSet  # noqa: E402
-from simclic_tf.evaluation import extract_features, linear_accuracy  # noqa: E402
-from simclic_tf.finetune import finetune_accuracy  # noqa: E402
+from simclic_tf import data
+from simclic_tf.cli import add_config_flag
+from simclic_tf.config import ConfigError, SimCLICConfig, flag
+from simclic_tf.data import DataError, ImageSet
+from simclic_tf.evaluation import extract_features, linear_accuracy
+from simclic_tf.finetune import finetune_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -304,10 +300,10 @@ def write_tables(results, out):
         f.write(markdown(results))
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m simclic_tf.transfer", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+SUMMARY = "linear and fine-tuned transfer of an exported encoder to other datasets (Table 2)"
+
+
+def add_arguments(parser):
     parser.add_argument("--encoder", required=True,
                         help="the pretrained encoder, RUN_DIR/encoder.keras")
     parser.add_argument(DATASETS_FLAG, required=True,
@@ -316,12 +312,10 @@ def build_parser():
     for name in ("data_dir", "linear_epochs", "finetune_epochs", "test_fraction", "seed"):
         add_config_flag(parser, name, default=getattr(SimCLICConfig, name))
     parser.add_argument("--out", help="output folder (default: transfer/ beside the encoder)")
-    return parser
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def command(args, parser):
+    """`simclic transfer`: writes and prints the table; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         # Checks the ranges, with errors that name the flag.
@@ -339,7 +333,3 @@ def main(argv=None):
     print(markdown(results))
     print(f"written: {os.path.join(out, 'transfer.md')}, transfer.csv, transfer.json")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,8 +19,8 @@ tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
 from simclic_tf import run as run_module  # noqa: E402
+from simclic_tf.commands import train  # noqa: E402
 
 
 class Crash(Exception):
@@ -44,7 +44,7 @@ def main():
                 raise Crash(f"crash at epoch {epoch}")
         run_module.CollapseMonitor.on_epoch_begin = crash
     try:
-        code = train.main(sys.argv[1:])
+        code = train(sys.argv[1:])
     except Crash as error:
         print(error)
         return 3

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-import train
+from simclic_tf.commands import train
 from simclic_tf import SimCLICConfig
 from simclic_tf import run as run_module
 from simclic_tf.cli import add_config_flags, config_from_args
@@ -38,7 +38,7 @@ def tensorboard_tags(run_dir):
 
 def test_digits_end_to_end(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert train.main(TINY + ["--epochs", "2", "--run-dir", str(run_dir)]) == 0
+    assert train(TINY + ["--epochs", "2", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["data"] == {"train_images": 1437, "test_images": 360, "image_shape": [8, 8, 1],
                               "num_classes": 10}
@@ -78,7 +78,7 @@ def test_digits_end_to_end(tmp_path, capsys):
 
 def test_the_online_probe_is_logged_and_reported_apart(tmp_path):
     run_dir = tmp_path / "run"
-    assert train.main(TINY + ["--epochs", "3", "--online-probe", "--online-probe-lr", "1.0",
+    assert train(TINY + ["--epochs", "3", "--online-probe", "--online-probe-lr", "1.0",
                               "--linear-epochs", "0", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     # A 16-feature encoder, 66 steps on augmented views: well above chance (0.1).
@@ -103,11 +103,11 @@ def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
         patch.setattr(run_module.CollapseMonitor, "on_epoch_begin", crash_at_third_epoch,
                       raising=False)
         with pytest.raises(Crash):
-            train.main(argv)
+            train(argv)
     assert (run_dir / "backup").exists() and not (run_dir / "report.json").exists()
     assert [row["epoch"] for row in read_history(run_dir)] == ["0", "1"]
 
-    assert train.main(["--run-dir", str(run_dir), "--resume"]) == 0
+    assert train(["--run-dir", str(run_dir), "--resume"]) == 0
     rows = read_history(run_dir)
     assert [row["epoch"] for row in rows] == ["0", "1", "2", "3"]
     # --knn-every 2: after the first epoch, then every second one.
@@ -122,7 +122,7 @@ def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
 def test_the_tfds_path_under_mock_data(tmp_path, mock_tfds):
     run_dir = tmp_path / "run"
     with mock_tfds(num_examples=160):
-        assert train.main(TINY + ["--dataset", "cifar10", "--epochs", "1", "--batch-size", "32",
+        assert train(TINY + ["--dataset", "cifar10", "--epochs", "1", "--batch-size", "32",
                                   "--knn-every", "0", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["data"]["image_shape"] == [32, 32, 3] and report["data"]["num_classes"] == 10
@@ -138,7 +138,7 @@ def test_the_tfds_path_under_mock_data(tmp_path, mock_tfds):
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + argv + ["--run-dir", str(tmp_path / "run")])
+        train(TINY + argv + ["--run-dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     for word in words:
@@ -149,10 +149,10 @@ def test_a_finished_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, caps
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(SystemExit):
-        train.main(TINY + ["--run-dir", str(tmp_path / "run")])
+        train(TINY + ["--run-dir", str(tmp_path / "run")])
     assert "--resume" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.main(["--run-dir", str(tmp_path / "elsewhere"), "--resume"])
+        train(["--run-dir", str(tmp_path / "elsewhere"), "--resume"])
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import kernels
-from kernels import build, custom_op
-from kernels.reference import history_exchange_reference, representation_noise_reference
+from simclic_tf import kernels
+from simclic_tf.kernels import build, custom_op
+from simclic_tf.kernels.reference import history_exchange_reference, representation_noise_reference
 from kernel_helpers import (DTYPES, MODES, assert_bank_close, bits, make_vars,
                             wrap_modes)
 
@@ -379,7 +379,7 @@ _LOAD_SCRIPT = textwrap.dedent("""
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import numpy as np
     import tensorflow as tf
-    from kernels import build, custom_op
+    from simclic_tf.kernels import build, custom_op
     if sys.argv[1] == "before":  # Before any op runs: TF has no XLA kernels yet.
         build.load()
     else:  # TF collects its XLA kernels when the first op runs (or compiles).

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-import train
+from simclic_tf.commands import train
 from simclic_tf import SimCLICConfig
 from simclic_tf import run as run_module
 from simclic_tf.callbacks import ResumableCSVLogger
@@ -34,7 +34,7 @@ def epochs_in(run_dir):
 def refused(argv, capsys):
     """train.main's exit status and error line for a start it must refuse."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
+        train(argv)
     return exit_info.value.code, capsys.readouterr().err.splitlines()[-1]
 
 
@@ -49,7 +49,7 @@ def kill(*args, **kwargs):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    assert train.main(TINY + ["--epochs", "1", "--run-dir", str(run_dir)]) == 0
+    assert train(TINY + ["--epochs", "1", "--run-dir", str(run_dir)]) == 0
     return run_dir
 
 
@@ -138,7 +138,7 @@ def test_resume_refuses_flags_that_contradict_the_saved_run(tmp_path, capsys):
 def test_resume_on_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
     before = {name: (finished_run / name).read_bytes()
               for name in ("history.csv", "encoder.keras", "report.json")}
-    assert train.main(["--run-dir", str(finished_run), "--resume", "--epochs", "3"]) == 0
+    assert train(["--run-dir", str(finished_run), "--resume", "--epochs", "3"]) == 0
     assert "is finished" in capsys.readouterr().out
     assert {name: (finished_run / name).read_bytes() for name in before} == before
 
@@ -148,9 +148,9 @@ def test_a_run_stopped_while_evaluating_resumes_there_without_training(tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(run_module, "draw_results", kill)
         with pytest.raises(Killed):
-            train.main(TINY + ["--epochs", "2", "--run-dir", str(run_dir)])
+            train(TINY + ["--epochs", "2", "--run-dir", str(run_dir)])
     assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 2
-    assert train.main(["--run-dir", str(run_dir), "--resume"]) == 0
+    assert train(["--run-dir", str(run_dir), "--resume"]) == 0
     assert epochs_in(run_dir) == ["0", "1"]
     model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
     assert int(model.optimizer.iterations) == 2 * (1437 // 64)  # no step trained again
@@ -170,7 +170,7 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, capsys
     with pytest.MonkeyPatch.context() as patch:  # stopped once config.json and data.json exist
         patch.setattr(run_module, "evaluate_backbone", kill)
         with pytest.raises(Killed):
-            train.main(argv + ["--epochs", "1"])
+            train(argv + ["--epochs", "1"])
     np.savez(tmp_path / "set.npz", x=images[:240], y=np.arange(240) % 3)
     before = sorted(os.listdir(run_dir))
     code, message = refused(["--run-dir", str(run_dir), "--resume"], capsys)
@@ -206,7 +206,7 @@ def test_a_kill_during_an_export_leaves_no_truncated_file(tmp_path, monkeypatch)
     monkeypatch.setattr(keras.Model, "save", killed_mid_write)
     run_dir = tmp_path / "run"
     with pytest.raises(Killed):
-        train.main(TINY + ["--epochs", "1", "--run-dir", str(run_dir)])
+        train(TINY + ["--epochs", "1", "--run-dir", str(run_dir)])
     assert not [name for name in os.listdir(run_dir) if name.endswith(".keras")]
     json.loads((run_dir / "config.json").read_text())
 
@@ -231,7 +231,7 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
 def test_a_diverging_run_stops_at_once_exports_nothing_and_says_so(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = train.main(TINY + ["--epochs", "3", "--base-lr", "100", "--weight-decay", "0.5",
+    code = train(TINY + ["--epochs", "3", "--base-lr", "100", "--weight-decay", "0.5",
                               "--momentum", "0.99", "--pred-lr-scale", "1000",
                               "--run-dir", str(run_dir)])
     err = capsys.readouterr().err
@@ -246,7 +246,7 @@ def test_a_diverging_run_stops_at_once_exports_nothing_and_says_so(tmp_path, cap
         run_dir / "report.md").read_text()
     # Epochs before the divergence are in the log; the diverged one is not.
     assert epochs_in(run_dir) == [str(e) for e in range(epoch - 1)]
-    assert train.main(["--run-dir", str(run_dir), "--resume"]) == 0
+    assert train(["--run-dir", str(run_dir), "--resume"]) == 0
     assert "diverged at epoch" in capsys.readouterr().out
 
 
@@ -259,7 +259,7 @@ def test_a_weight_gone_non_finite_keeps_the_last_good_checkpoint(tmp_path, monke
     monkeypatch.setattr(run_module.CollapseMonitor, "on_epoch_begin", poison_the_predictor,
                         raising=False)
     run_dir = tmp_path / "run"
-    assert train.main(TINY + ["--epochs", "3", "--run-dir", str(run_dir)]) == 1
+    assert train(TINY + ["--epochs", "3", "--run-dir", str(run_dir)]) == 1
     assert "DIVERGED at epoch 2, step 1" in capsys.readouterr().err
     metadata = json.loads((run_dir / "backup" / "training_metadata.json").read_text())
     assert metadata["epoch"] == 1
@@ -309,7 +309,7 @@ def test_a_signal_stops_at_the_next_step_with_one_line_and_resumes(tmp_path, sig
     assert (run_dir / "backup").exists() and not (run_dir / "encoder.keras").exists()
     if signum == signal.SIGTERM:
         epochs = len(epochs_in(run_dir))
-        assert train.main(["--run-dir", str(run_dir), "--resume", "--epochs", "8"]) == 0
+        assert train(["--run-dir", str(run_dir), "--resume", "--epochs", "8"]) == 0
         assert epochs_in(run_dir) == [str(e) for e in range(8)]
         assert epochs >= 1
 
@@ -345,7 +345,7 @@ def test_stop_on_collapse_ends_simsiam_without_stop_gradient(tmp_path, capsys):
     """The stop-gradient ablation collapses (tests/test_tuning.py holds the
     healthy run quiet on the same budget); --stop-on-collapse ends it there."""
     run_dir = tmp_path / "run"
-    assert train.main(TINY + ["--perturbation", "none", "--no-stop-gradient", "--base-lr", "1.0",
+    assert train(TINY + ["--perturbation", "none", "--no-stop-gradient", "--base-lr", "1.0",
                               "--pred-lr-scale", "1", "--no-fix-pred-lr", "--epochs", "8",
                               "--stop-on-collapse", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import train
+from simclic_tf.commands import train
 from simclic_tf import data
 from simclic_tf.backbones import build_backbone
 from simclic_tf.config import SimCLICConfig
@@ -92,7 +92,7 @@ def test_the_cli_reports_fine_tuned_errors(tmp_path):
             "--pred-hidden", "8", "--batch-size", "64", "--epochs", "1", "--knn-every", "0",
             "--linear-epochs", "2", "--knn-k", "20", "--finetune-epochs", "2",
             "--run-dir", str(run_dir)]
-    assert train.main(argv) == 0
+    assert train(argv) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["config"]["finetune_epochs"] == 2
     for encoder in ("pretrained", "random_init"):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kernels import history_exchange, representation_noise
-from kernels.history import _exchange, _exchange_xla_math, _pick_exchange
-from kernels.reference import (
+from simclic_tf.kernels import history_exchange, representation_noise
+from simclic_tf.kernels.history import _exchange, _exchange_xla_math, _pick_exchange
+from simclic_tf.kernels.reference import (
     history_exchange_reference,
     representation_noise_reference,
 )

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from simclic_tf import transfer
+from simclic_tf.commands import command
 from simclic_tf.backbones import build_backbone
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_IMAGENET = SHARED_DATA / "tinyimagenet200_val.npz"
+transfer_command = command("transfer")
 ROW_TITLES = ["ours linear", "ours fine-tuned", "paper SimCLIC linear",
               "paper SimCLIC fine-tuned"]
 
@@ -35,7 +37,7 @@ def test_tfds_names_under_mock_data(tmp_path, encoder_path, capsys, mock_tfds):
     out = tmp_path / "out"
     with mock_tfds(num_examples=200):
         # mnist is 28x28 grey: resized to 8x8 and repeated to the encoder's RGB.
-        assert transfer.main(["--encoder", str(encoder_path),
+        assert transfer_command(["--encoder", str(encoder_path),
                               "--datasets", "cifar10,mnist,hand=digits",
                               "--linear-epochs", "2", "--finetune-epochs", "1",
                               "--out", str(out)]) == 0
@@ -72,7 +74,7 @@ def test_npz_with_a_fixed_seed_split_and_voc_marked_unsupported(tmp_path, encode
 
     out = tmp_path / "out"
     # voc/2007's builder is read for its features only: nothing is downloaded.
-    assert transfer.main(["--encoder", str(encoder_path), "--datasets", f"{name},voc/2007",
+    assert transfer_command(["--encoder", str(encoder_path), "--datasets", f"{name},voc/2007",
                           "--linear-epochs", "1", "--finetune-epochs", "0",
                           "--test-fraction", "0.1", "--seed", "3", "--out", str(out)]) == 0
     rows = read_csv(out)
@@ -109,7 +111,7 @@ def test_the_paper_rows_show_the_paper_numbers_when_filled_in(monkeypatch):
 ])
 def test_bad_datasets_are_clear_errors(tmp_path, capsys, encoder_path, argv, words):
     with pytest.raises(SystemExit) as exit_info:
-        transfer.main(["--encoder", str(encoder_path), "--out", str(tmp_path)] + argv)
+        transfer_command(["--encoder", str(encoder_path), "--out", str(tmp_path)] + argv)
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     for word in words:
@@ -118,6 +120,6 @@ def test_bad_datasets_are_clear_errors(tmp_path, capsys, encoder_path, argv, wor
 
 def test_a_missing_encoder_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        transfer.main(["--encoder", str(tmp_path / "nope.keras"), "--datasets", "digits"])
+        transfer_command(["--encoder", str(tmp_path / "nope.keras"), "--datasets", "digits"])
     message = capsys.readouterr().err
     assert "--encoder" in message and "nope.keras" in message and "no such file" in message

@@ -11,13 +11,13 @@ import os
 import keras_tuner
 import pytest
 
-import train
+from simclic_tf.commands import train, tune
 from simclic_tf import SimCLICConfig
 from simclic_tf.callbacks import COLLAPSED_RANK, CollapseMonitor
 from simclic_tf.registry import LOSSES, PERTURBATIONS, PREDICTORS
-from tuning import hypermodel as hypermodel_module
-from tuning import search as search_module
-from tuning import table
+from simclic_tf.tuning import hypermodel as hypermodel_module
+from simclic_tf.tuning import search as search_module
+from simclic_tf.tuning import table
 
 TINY = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
         "--pred-hidden", "8", "--batch-size", "64", "--knn-k", "20", "--knn-every", "0",
@@ -131,7 +131,7 @@ def test_a_predictor_search_resumes_and_writes_the_paper_table(tmp_path, monkeyp
     fits = FitCounter(monkeypatch)
 
     # Stopped after one trial (as an interrupted search would be) ...
-    assert search_module.main(argv + ["--max-trials", "1"]) == 0
+    assert tune(argv + ["--max-trials", "1"]) == 0
     assert fits.values == [{"predictor": "mlp2"}]
     first = trial_json(run_dir, "0")
     assert first["status"] == "COMPLETED"
@@ -139,10 +139,10 @@ def test_a_predictor_search_resumes_and_writes_the_paper_table(tmp_path, monkeyp
     assert errors[1:4] == ["", "", ""] and errors[4]  # only the 2-layer MLP's column
     assert "1 of 4 grid points completed" in (run_dir / "results.md").read_text()
     # ... then resumed: the finished trial is not run again.
-    assert search_module.main(argv) == 0
+    assert tune(argv) == 0
     assert sorted(v["predictor"] for v in fits.values[1:]) == ["fixed_random", "mlp1", "none"]
     assert trial_json(run_dir, "0") == first
-    assert search_module.main(argv) == 0  # nothing left to run
+    assert tune(argv) == 0  # nothing left to run
     assert len(fits.values) == 4
 
     # The paper's table: one column per predictor, error % and final z_std.
@@ -184,7 +184,7 @@ def test_a_predictor_search_resumes_and_writes_the_paper_table(tmp_path, monkeyp
     assert best["predictor"] == trial_json(run_dir, str(best_trial))["hyperparameters"][
         "values"]["predictor"]
     assert best["epochs"] == 1 and best["backbone"] == "tiny_convnet"
-    assert train.main(["--config", str(run_dir / "best_config.json"), "--linear-epochs", "0",
+    assert train(["--config", str(run_dir / "best_config.json"), "--linear-epochs", "0",
                        "--run-dir", str(tmp_path / "best")]) == 0
     report = json.loads((tmp_path / "best" / "report.json").read_text())
     assert report["config"]["predictor"] == best["predictor"]
@@ -199,7 +199,7 @@ def test_without_stop_gradient_the_representation_collapses(tmp_path):
     is dimensional, and z_rank sees it: 0.07 to 0.08 without stop-gradient,
     0.59 to 0.64 with it (three runs of seed 0 here)."""
     run_dir = tmp_path / "search"
-    assert search_module.main(TINY + [
+    assert tune(TINY + [
         "--ablation", "stop_gradient", "--perturbation", "none", "--base-lr", "1.0",
         # The predictor at the encoder's rate, as in the ten runs above.
         "--pred-lr-scale", "1", "--no-fix-pred-lr", "--epochs", "8", "--run-dir", str(run_dir)]) == 0
@@ -233,10 +233,10 @@ def test_an_interrupted_trial_resumes_at_its_last_epoch(tmp_path, monkeypatch):
         patch.setattr(hypermodel_module.ValidationMonitor, "on_epoch_begin",
                       crash_in_second_trial, raising=False)
         with pytest.raises(keras_tuner.errors.FatalError, match="trial 1"):
-            search_module.main(argv)
+            tune(argv)
         assert trial_json(run_dir, "1")["status"] == "RUNNING"
         assert (run_dir / "tuner" / "trial_1" / "backup").exists()
-        assert search_module.main(argv) == 0
+        assert tune(argv) == 0
     # The rerun trained the second trial's second epoch only.
     assert epochs_run == [0, 1, 0, 1, 1]
     assert [trial_json(run_dir, i)["status"] for i in "01"] == ["COMPLETED"] * 2
@@ -249,9 +249,9 @@ def test_a_strength_search_is_bayesian_and_resumes(tmp_path, monkeypatch):
     argv = TINY + ["--ablation", "strength", "--perturbation", "noise", "--epochs", "1",
                    "--objective", "linear", "--linear-epochs", "5", "--run-dir", str(run_dir)]
     fits = FitCounter(monkeypatch)
-    assert search_module.main(argv + ["--max-trials", "1"]) == 0
+    assert tune(argv + ["--max-trials", "1"]) == 0
     # Resumed with the short form: the settings come from the run directory.
-    assert search_module.main(["--run-dir", str(run_dir), "--max-trials", "2", "--quiet"]) == 0
+    assert tune(["--run-dir", str(run_dir), "--max-trials", "2", "--quiet"]) == 0
     assert len(fits.values) == 2 and fits.values[0] != fits.values[1]
     assert fits.values[0] == {"strength": PERTURBATIONS.get("noise").default_strength}
     assert "num_initial_points" in json.loads(  # a BayesianOptimizationOracle's state
@@ -269,7 +269,7 @@ def test_a_strength_search_is_bayesian_and_resumes(tmp_path, monkeypatch):
 def test_bad_searches_are_clear_errors(tmp_path, capsys):
     def error(argv):
         with pytest.raises(SystemExit) as exit_info:
-            search_module.main(TINY + argv)
+            tune(TINY + argv)
         assert exit_info.value.code == 2
         return capsys.readouterr().err
 

@@ -1,10 +1,10 @@
 """Ablation searches with keras-tuner: the paper's Tables 4 to 6 (predictor,
 stop-gradient, loss), the perturbation type, and the perturbation strength.
 
-    python -m tuning.search --ablation predictor --dataset digits --epochs 20
-    python -m tuning.search --ablation strength --perturbation noise --max-trials 12
+    simclic tune --ablation predictor --dataset digits --epochs 20
+    simclic tune --ablation strength --perturbation noise --max-trials 12
 
-Every train.py flag sets the fixed knobs (`--config FILE` too). Discrete
+Every `simclic train` flag sets the fixed knobs (`--config FILE` too). Discrete
 ablations walk their whole grid (`--max-trials` caps it); `strength` (with
 `history_momentum` for history) runs Bayesian optimisation. Each trial
 pretrains from the same seed on the training data less a held-out labelled
@@ -18,32 +18,29 @@ The run directory (`--run-dir`, default runs/ablation_NAME) holds:
     logs/                TensorBoard: the HParams experiment, and one
                          trial_ID/ per trial (train/, validation/)
     results.md, .csv     the table in the paper's form; trials.csv, all trials
-    best_config.json     the best trial's config: python train.py --config FILE
+    best_config.json     the best trial's config: simclic train --config FILE
 
 Interrupted (Ctrl-C, a crash, a lost machine), the same command resumes:
 finished trials are kept, the trial that was running restarts from its last
 finished epoch. Rerunning with a larger `--max-trials` extends the search.
 """
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import keras_tuner
 
-import keras  # noqa: E402
-import keras_tuner  # noqa: E402
-
-from simclic_tf import data  # noqa: E402
-from simclic_tf.callbacks import CollapseMonitor  # noqa: E402
-from simclic_tf.cli import add_config_flags, base_config  # noqa: E402
-from simclic_tf.config import ConfigError, SimCLICConfig  # noqa: E402
-from tuning import table  # noqa: E402
-from tuning.hypermodel import (ABLATIONS, EXTRA_KNOBS, OBJECTIVES, SimCLICHyperModel,  # noqa: E402
-                               ablation_fields, grid, is_discrete, objective_name,
-                               search_space, trial_config, validation_split)
+from simclic_tf import data
+from simclic_tf.callbacks import CollapseMonitor
+from simclic_tf.cli import add_config_flags, base_config
+from simclic_tf.config import ConfigError, SimCLICConfig
+from simclic_tf.tuning import table
+from simclic_tf.tuning.hypermodel import (ABLATIONS, EXTRA_KNOBS, OBJECTIVES,
+                                          SimCLICHyperModel, ablation_fields, grid,
+                                          is_discrete, objective_name, search_space,
+                                          trial_config, validation_split)
 
 DEFAULT_BAYESIAN_TRIALS = 10
 
@@ -269,30 +266,30 @@ def run_search(search, verbose=2):
     return write_outputs(search, tuner, hp)
 
 
-def parse(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m tuning.search", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ablation", choices=ABLATIONS,
+SUMMARY = "keras-tuner ablations (the paper's Tables 4 to 6) and strength searches"
+
+
+def add_arguments(parser):
+    tuning = parser.add_argument_group("search")
+    tuning.add_argument("--ablation", choices=ABLATIONS,
                         help="what to vary: the paper's Table 4 (predictor), 5 "
                         "(stop_gradient), 6 (loss), the perturbation type, or the strength "
                         "of --perturbation (history: and history_momentum)")
-    parser.add_argument("--max-trials", type=int,
+    tuning.add_argument("--max-trials", type=int,
                         help="trials at most (default: the whole grid; strength: "
                         f"{DEFAULT_BAYESIAN_TRIALS}); a rerun with more extends the search")
-    parser.add_argument("--objective", choices=OBJECTIVES,
+    tuning.add_argument("--objective", choices=OBJECTIVES,
                         help="validation accuracy to maximise (default: knn)")
-    parser.add_argument("--val-fraction", type=float,
+    tuning.add_argument("--val-fraction", type=float,
                         help="labelled fraction of the training data held out to score "
                         "trials (default: 0.1)")
-    parser.add_argument("--tune", nargs="+", choices=EXTRA_KNOBS, default=None,
+    tuning.add_argument("--tune", nargs="+", choices=EXTRA_KNOBS, default=None,
                         help="also search these, a decade either side of their flag's value "
                         "(log scale; the search becomes Bayesian)")
-    parser.add_argument("--overwrite", action="store_true",
+    tuning.add_argument("--overwrite", action="store_true",
                         help="discard the search in --run-dir and start over")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    tuning.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     add_config_flags(parser)
-    return parser, parser.parse_args(argv)
 
 
 def search_from_args(args):
@@ -348,8 +345,8 @@ def search_from_args(args):
                   saved["val_fraction"], args.max_trials)
 
 
-def main(argv=None):
-    parser, args = parse(argv)
+def command(args, parser):
+    """`simclic tune`: runs (or resumes) the search, prints its table."""
     try:
         search = search_from_args(args)
         text = run_search(search, verbose=0 if args.quiet else 2)
@@ -357,7 +354,3 @@ def main(argv=None):
         parser.error(str(error))
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

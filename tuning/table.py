@@ -15,7 +15,7 @@ import math
 import os
 
 from simclic_tf.report import error_percent
-from tuning.hypermodel import objective_name
+from simclic_tf.tuning.hypermodel import objective_name
 
 # Display labels of the paper's columns, in the paper's order. The variants
 # themselves come from the search space; a variant not listed here (a newly
