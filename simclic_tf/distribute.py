@@ -1,6 +1,6 @@
 """Scale: the tf.distribute strategy, mixed precision, cross-replica
 BatchNorm, and the glue that keeps the history buffer identical on every
-replica (DESIGN.md section 5).
+replica (docs/DESIGN.md section 5).
 
 History under distribution ("replicated"): every replica holds a full copy
 of the bank and the visit counts. In each training step the replicas

@@ -1,5 +1,5 @@
 """How good are the representations? Weighted kNN and linear evaluation on
-frozen backbone features, the protocol of DESIGN.md section 2."""
+frozen backbone features, the protocol of docs/DESIGN.md section 2."""
 
 import math
 

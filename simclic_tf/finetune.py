@@ -1,4 +1,4 @@
-"""Fine-tuning evaluation (DESIGN.md section 2): the whole network, backbone
+"""Fine-tuning evaluation (docs/DESIGN.md section 2): the whole network, backbone
 and a new linear head, trained with labels; reports the test accuracy (the
 caller turns it into the error rate the paper reports).
 

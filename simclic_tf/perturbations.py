@@ -1,5 +1,5 @@
 """Perturbations P(z, i): how SimCLIC builds the target view from the
-representation z the encoder produced for sample i (DESIGN.md section 1).
+representation z the encoder produced for sample i (docs/DESIGN.md section 1).
 
 Each is one Keras layer registered under its CLI name. A layer takes the
 tuple of the views' representations and returns one perturbed tensor per

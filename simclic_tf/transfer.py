@@ -1,4 +1,4 @@
-"""Transfer evaluation (the paper's Table 2 protocol, DESIGN.md section 2):
+"""Transfer evaluation (the paper's Table 2 protocol, docs/DESIGN.md section 2):
 one pretrained encoder, linear-evaluated and fine-tuned on many labelled
 datasets, printed as one table of error rates beside the paper's.
 

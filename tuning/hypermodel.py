@@ -24,7 +24,7 @@ from simclic_tf.run import build_model, pretrain_inputs
 FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
 
 # The paper's Tables 4 to 6, the perturbation type, its strength, and the
-# branch it applies to (DESIGN.md leaves that to this ablation).
+# branch it applies to (docs/DESIGN.md leaves that to this ablation).
 ABLATIONS = ("predictor", "stop_gradient", "loss", "perturbation", "strength", "perturb")
 
 # Knobs that may be tuned alongside an ablation (`--tune`): searched on a log
