@@ -327,10 +327,10 @@ def test_custom_op_noise_low_precision(dtype):
 def test_auto_falls_back_with_one_warning_when_the_build_fails(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv(build.ENV_CXX, str(tmp_path / "no-such-c++"))
     monkeypatch.setenv(build.ENV_CACHE, str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="kernels"):
+    with caplog.at_level(logging.WARNING, logger="simclic_tf.kernels"):
         assert kernels.select("auto").name == "tf"
         assert kernels.select("auto").name == "tf"
-    lines = [r.getMessage() for r in caplog.records if r.name == "kernels"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "simclic_tf.kernels"]
     assert len(lines) == 1 and "no-such-c++" in lines[0] and "TensorFlow-function" in lines[0]
     with pytest.raises(build.BuildError, match="cannot run the C\\+\\+ compiler.*no-such-c\\+\\+"):
         kernels.select("custom_op")
