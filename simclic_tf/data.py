@@ -452,24 +452,31 @@ def load_train_and_eval(config):
     return train, evaluation
 
 
-def pretrain_dataset(images, batch_size, views, augment, seed=None, labels=None):
+def pretrain_dataset(images, batch_size, views, augment, seed=None, labels=None,
+                     shuffle_buffer=10_000):
     """Batches `(views, indices)` for pretraining, reshuffled every epoch, or
     `(views, indices, labels)` when `labels` are given (for the online probe).
 
     `views` is a tuple of `views` (1 or 2) float32 batches (B, H, W, C) in [0, 1],
     each an independent draw of `augment` on the same images; `indices` (B,)
-    int32 are the images' rows in `images` (the history buffer's keys). Only
-    whole batches: an epoch is `len(images) // batch_size` steps. The images
-    are gathered and augmented a batch at a time in a parallel map.
+    int32 are the images' stable dataset indices (the history buffer's keys).
+    Only whole batches: an epoch is `N // batch_size` steps.
+
+    `images` is a uint8 array (N, H, W, C), gathered and augmented a batch at
+    a time in a parallel map, or a finite `tf.data.Dataset` of single images
+    (uint8 in [0, 255] or floats in [0, 1]) that yields them in the same
+    order every epoch: its i-th image is index i (`dataset_size` gives N).
+    It is shuffled through a buffer of `shuffle_buffer` images.
     """
-    if batch_size > len(images):
-        raise DataError(
-            f"{flag('batch_size')} {batch_size} is larger than the dataset "
-            f"({len(images)} images), so an epoch has no whole batch; "
-            f"accepted: 2 to {len(images)}"
-        )
     if views not in (1, 2):
         raise ValueError(f"{flag('views')} {views} is not accepted; choose 1 or 2")
+    if isinstance(images, tf.data.Dataset):
+        if labels is not None:
+            raise ValueError("labels go with an array of images; a tf.data.Dataset of "
+                             "images carries none")
+        return _pretrain_from_dataset(images, batch_size, views, augment, seed,
+                                      shuffle_buffer)
+    check_batch_size(batch_size, len(images))
     pixels = tf.convert_to_tensor(images)
     label_table = None if labels is None else tf.convert_to_tensor(labels, tf.int32)
 
@@ -479,6 +486,47 @@ def pretrain_dataset(images, batch_size, views, augment, seed=None, labels=None)
         return element if label_table is None else element + (tf.gather(label_table, indices),)
 
     return shuffled_batches(len(images), batch_size, make_views, seed)
+
+
+def check_batch_size(batch_size, count):
+    if batch_size > count:
+        raise DataError(
+            f"{flag('batch_size')} {batch_size} is larger than the dataset "
+            f"({count} images), so an epoch has no whole batch; accepted: 2 to {count}")
+
+
+def dataset_size(dataset):
+    """N, the number of images of a finite tf.data.Dataset (the history bank's rows)."""
+    count = int(dataset.cardinality())
+    if count < 0:
+        raise DataError(
+            "the tf.data.Dataset of images has an unknown or infinite size, and the "
+            "history bank needs N; pass a finite dataset, or state N with "
+            "dataset.apply(tf.data.experimental.assert_cardinality(N))")
+    return count
+
+
+def _pretrain_from_dataset(dataset, batch_size, views, augment, seed, shuffle_buffer):
+    """`pretrain_dataset` for a tf.data.Dataset of single images."""
+    spec = dataset.element_spec
+    if not isinstance(spec, tf.TensorSpec) or spec.shape.rank != 3:
+        raise DataError(f"a tf.data.Dataset for pretraining yields single images (H, W, C); "
+                        f"this one yields {spec}")
+    check_batch_size(batch_size, dataset_size(dataset))
+    to_unit = (lambda x: tf.cast(x, tf.float32) / 255.0) if spec.dtype == tf.uint8 else (
+        lambda x: tf.cast(x, tf.float32))
+
+    def make_views(indices, batch):
+        batch = to_unit(batch)
+        return tuple(augment(batch) for _ in range(views)), tf.cast(indices, tf.int32)
+
+    return (
+        dataset.enumerate()
+        .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size, drop_remainder=True)
+        .map(make_views, num_parallel_calls=AUTOTUNE)
+        .prefetch(AUTOTUNE)
+    )
 
 
 def shuffled_batches(count, batch_size, make_batch, seed=None):

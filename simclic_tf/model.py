@@ -54,13 +54,16 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
       image_shape: (height, width, channels) of the input images.
       num_samples: dataset size N, the number of history buffer rows.
       num_classes: label count, needed by `config.online_probe` only.
+      backbone: a `keras.Model` from images to features (B, D) to use instead
+        of `config.backbone`'s registry entry.
 
     With `online_probe`, the data are `(views, indices, labels)` and a linear
     classifier learns from the first view's backbone features behind a
     stop-gradient: it watches the encoder without steering it.
     """
 
-    def __init__(self, config, image_shape, num_samples, num_classes=None, **kwargs):
+    def __init__(self, config, image_shape, num_samples, num_classes=None, backbone=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = SimCLICConfig.from_dict(config)
@@ -70,8 +73,14 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         self.image_shape = tuple(image_shape)
         self.num_samples = int(num_samples)
         self.num_classes = num_classes
-        self.backbone = build_backbone(config.backbone, self.image_shape, config.width,
-                                       config.bn_momentum, config.zero_init_residual)
+        self.custom_backbone = backbone is not None
+        self.backbone = backbone if self.custom_backbone else build_backbone(
+            config.backbone, self.image_shape, config.width, config.bn_momentum,
+            config.zero_init_residual)
+        if len(self.backbone.output.shape) != 2:
+            raise ConfigError(f"the backbone must map images to feature vectors (B, D); "
+                              f"{self.backbone.name} returns {self.backbone.output.shape}: "
+                              "end it with a pooling layer such as GlobalAveragePooling2D")
         self.projector = build_projector(self.backbone.output.shape[-1], config.proj_dim,
                                          config.bn_momentum)
         self.predictor = PREDICTORS.get(config.predictor)(config.proj_dim, config.pred_hidden)
@@ -103,7 +112,7 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         return self.projector(self.backbone(images, training=training), training=training)
 
     def compute_objective(self, views, indices, training=False):
-        """The SimCLIC loss of DESIGN.md section 1 and the first view's z.
+        """The SimCLIC loss of docs/DESIGN.md section 1 and the first view's z.
 
         With views=2: D(p1, sg(t2)) / 2 + D(p2, sg(t1)) / 2; with views=1:
         D(p, sg(t)). `perturb="online"` moves P before the predictor and
@@ -208,7 +217,16 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(),
                 "image_shape": list(self.image_shape), "num_samples": self.num_samples,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes,
+                "backbone": (keras.saving.serialize_keras_object(self.backbone)
+                             if self.custom_backbone else None)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("backbone") is not None:
+            config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
 
 
 def build_optimizer(config, steps_per_epoch):

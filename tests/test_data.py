@@ -382,3 +382,45 @@ def test_eval_dataset_keeps_order_and_remainder():
     batches = [b.numpy() for b in eval_dataset(images, 4)]
     assert [len(b) for b in batches] == [4, 4, 3] and batches[0].dtype == np.float32
     np.testing.assert_allclose(np.concatenate(batches), images / 255.0)
+
+
+def images_as_stream(images):
+    """A tf.data.Dataset of single images from a generator (no array behind
+    it), with its size stated."""
+    return tf.data.Dataset.from_generator(
+        lambda: iter(images), output_signature=tf.TensorSpec(images.shape[1:], tf.uint8),
+    ).apply(tf.data.experimental.assert_cardinality(len(images)))
+
+
+def test_a_tf_data_dataset_of_images_feeds_pretraining_with_stable_indices():
+    images = load_images("digits").images[:300]
+    stream = images_as_stream(images)
+    assert data_module.dataset_size(stream) == 300
+    batches = pretrain_dataset(stream, 64, 2, augment=lambda batch: batch, seed=0,
+                               shuffle_buffer=100)
+    orders = []
+    for _ in range(2):
+        epoch = []
+        for (first, second), indices in batches:
+            indices = indices.numpy()
+            # Each index names its own image: what the history bank relies on.
+            np.testing.assert_array_equal(first.numpy(), images[indices] / np.float32(255))
+            np.testing.assert_array_equal(first.numpy(), second.numpy())
+            epoch.extend(indices)
+        assert len(epoch) == len(set(epoch)) == 4 * 64  # whole batches, each index once
+        orders.append(epoch)
+    assert orders[0] != orders[1]  # reshuffled every epoch
+
+
+def test_a_tf_data_dataset_must_be_finite_single_images():
+    images = load_images("digits").images[:100]
+    unsized = tf.data.Dataset.from_generator(
+        lambda: iter(images), output_signature=tf.TensorSpec(images.shape[1:], tf.uint8))
+    with pytest.raises(DataError, match="unknown or infinite size.*assert_cardinality"):
+        pretrain_dataset(unsized, 32, 2, augment=lambda batch: batch)
+    with pytest.raises(DataError, match="unknown or infinite size"):
+        pretrain_dataset(images_as_stream(images).repeat(), 32, 2, augment=lambda b: b)
+    with pytest.raises(DataError, match="yields single images"):
+        pretrain_dataset(images_as_stream(images).batch(4), 32, 2, augment=lambda b: b)
+    with pytest.raises(DataError, match="--batch-size 200 is larger than the dataset"):
+        pretrain_dataset(images_as_stream(images), 200, 2, augment=lambda b: b)

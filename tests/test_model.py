@@ -190,3 +190,35 @@ def test_keras_file_round_trip_keeps_the_history_buffer(tmp_path):
                                ops.convert_to_numpy(model(images)), rtol=1e-5, atol=1e-6)
     fit_digits(loaded, epochs=1)  # the loaded model trains on (optimizer restored)
     assert ops.convert_to_numpy(loaded.perturbation.visits).min() == 2
+
+
+def users_backbone(pool=True):
+    inputs = keras.Input(IMAGE_SHAPE)
+    x = keras.layers.Conv2D(6, 3, activation="relu")(inputs)
+    outputs = keras.layers.GlobalAveragePooling2D()(x) if pool else x
+    return keras.Model(inputs, outputs, name="my_encoder")
+
+
+def test_a_users_keras_model_is_the_backbone_and_saves_with_the_model(tmp_path):
+    config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=32, pred_hidden=8,
+                           batch_size=BATCH, epochs=1, perturbation="history")
+    keras.utils.set_random_seed(0)
+    backbone = users_backbone()
+    model = SimCLIC(config, IMAGE_SHAPE, 512, backbone=backbone)
+    assert model.backbone is backbone
+    model.compile(optimizer=build_optimizer(model.config, 512 // BATCH))
+    before = backbone.get_weights()[0].copy()
+    fit_digits(model, epochs=1)
+    assert not np.array_equal(backbone.get_weights()[0], before)  # it was trained
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.backbone.name == "my_encoder"
+    images = batch()[0][0]
+    np.testing.assert_allclose(ops.convert_to_numpy(loaded(images)),
+                               ops.convert_to_numpy(model(images)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_backbone_that_returns_a_feature_map_is_refused():
+    with pytest.raises(ValueError, match="feature vectors.*my_encoder.*GlobalAveragePooling2D"):
+        SimCLIC(SimCLICConfig(batch_size=BATCH), IMAGE_SHAPE, 64,
+                backbone=users_backbone(pool=False))
