@@ -1,5 +1,6 @@
 """report.json (everything, machine-readable) and report.md (error rates, as
-the paper reports them, and the settings that produced them)."""
+the paper reports them, and the settings that produced them), and the same
+figures and settings in the form of TensorBoard's HParams dashboard."""
 
 import json
 import os
@@ -101,6 +102,29 @@ def settings(config):
     """The markdown table of every knob of the run."""
     return ["## Settings", "", "| knob | value |", "|---|---|"] + [
         f"| {name} | {value} |" for name, value in sorted(config.items())]
+
+
+def hparam_values(config):
+    """The knobs of a run's `config` (report.json's) as HParams: every knob but
+    run_dir (the session's own name in the dashboard), a knob left at None (its
+    default: the dataset's own, Keras's auto) as the string "none", so that
+    every knob has a column."""
+    return {name: "none" if value is None else value
+            for name, value in config.items() if name != "run_dir"}
+
+
+def tensorboard_metrics(report):
+    """{tag: error} of the report for TensorBoard: final/METRIC_error for the
+    pretrained encoder (and its online probe), random_init/METRIC_error for
+    the random initialisation; each 1 - report.json's accuracy, a fraction
+    (report.md's error % over 100). A diverged run has random_init/ only."""
+    metrics = {}
+    for encoder, prefix in (("pretrained", "final"), ("random_init", "random_init")):
+        for key, accuracy in report.get(encoder, {}).items():
+            metrics[f"{prefix}/{key.replace('_accuracy', '_error')}"] = 1.0 - accuracy
+    if "online_probe_accuracy" in report:
+        metrics["final/online_probe_error"] = 1.0 - report["online_probe_accuracy"]
+    return metrics
 
 
 def write_report(report, run_dir):

@@ -4,7 +4,8 @@ initialisation), export and report, in one run directory:
 
     run_dir/config.json     the knobs, read back by --resume
     run_dir/data.json       the data's sizes, which --resume checks
-    run_dir/logs/           TensorBoard
+    run_dir/logs/train/     TensorBoard: per-epoch scalars, augmented views, and
+                            the run's HParams session (see log_results)
     run_dir/backup/         the last epoch's checkpoint until the report is written
     run_dir/history.csv     per-epoch loss, z_std, z_rank, knn_accuracy
     run_dir/model.keras     the full SimCLIC model (history buffer included)
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+from tensorboard.plugins.hparams import api_pb2, summary as hparams_summary
 
 from simclic_tf import augment, data, distribute, plots
 from simclic_tf.callbacks import (CollapseMonitor, DivergenceGuard, KNNMonitor,
@@ -32,7 +35,7 @@ from simclic_tf.evaluation import (evaluate_backbone, extract_features, labelled
                                    online_probe_accuracy)
 from simclic_tf.faults import Diverged, RunFinished, StopOnSignal, atomic_path
 from simclic_tf.model import SimCLIC, build_optimizer
-from simclic_tf.report import write_report
+from simclic_tf.report import hparam_values, tensorboard_metrics, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -177,20 +180,27 @@ def pretrain_inputs(config, train_set):
         labels=train_set.labels if config.online_probe else None)
 
 
+def train_logs(run_dir):
+    """The TensorBoard run that keras.callbacks.TensorBoard(run_dir/logs) writes
+    its per-epoch scalars to, and that holds the run's other summaries."""
+    return os.path.join(run_dir, "logs", "train")
+
+
 def draw_views(train_set, augmentation, run_dir):
     """Pairs of augmented views, as views.png and a TensorBoard image."""
     grid = plots.view_pairs(train_set.images, augmentation)
     plots.save_image(grid, os.path.join(run_dir, "views.png"))
-    with tf.summary.create_file_writer(os.path.join(run_dir, "logs", "train")).as_default():
+    with tf.summary.create_file_writer(train_logs(run_dir)).as_default():
         tf.summary.image("augmented_views", grid[None], step=0)
 
 
-def draw_results(model, queries, run_dir):
-    """The training curves and the embedding map; returns {title: file name}."""
+def draw_results(model, queries, rows, report, run_dir):
+    """The training curves of history `rows`, with the report's random-init
+    references, and the embedding map; returns {title: file name}."""
     pictures = {"training curves": "curves.png", "augmented views (image, view 1, view 2)":
                 "views.png", "embeddings of the evaluation images": "embeddings.png"}
-    plots.training_curves(os.path.join(run_dir, "history.csv"),
-                          os.path.join(run_dir, pictures["training curves"]))
+    plots.training_curves(rows, os.path.join(run_dir, pictures["training curves"]),
+                          report["config"]["proj_dim"], report["random_init"])
     plots.embedding_map(extract_features(model.backbone, queries.images), queries.labels,
                         queries.class_names, os.path.join(run_dir, "embeddings.png"))
     return pictures
@@ -224,6 +234,25 @@ def history_rows(history_csv):
     with open(history_csv, newline="") as f:
         return [{key: float(value) for key, value in row.items() if value not in ("", "NA")}
                 for row in csv.DictReader(f)]
+
+
+def log_results(report, run_dir):
+    """The run as one session of TensorBoard's HParams dashboard: the config
+    (`hparam_values`) and the final errors (`tensorboard_metrics`, step 0),
+    with a success or, diverged, failure status, in `train_logs` beside the
+    per-epoch scalars, which the dashboard then counts as the session's
+    metrics too. Not in run_dir/logs (the tuner's place, logs/trial_ID): with
+    --logdir run_dir/logs that is TensorBoard's root run ".", to which the
+    dashboard links no metrics."""
+    writer = tf.summary.create_file_writer(train_logs(run_dir))
+    with writer.as_default():
+        hparams_api.hparams(hparam_values(report["config"]))
+        for tag, value in tensorboard_metrics(report).items():
+            tf.summary.scalar(tag, value, step=0)
+        status = api_pb2.STATUS_FAILURE if "diverged" in report else api_pb2.STATUS_SUCCESS
+        tf.summary.experimental.write_raw_pb(
+            hparams_summary.session_end_pb(status).SerializeToString(), step=0)
+    writer.close()
 
 
 def export(model, run_dir):
@@ -279,6 +308,7 @@ def run(config, resume=False, given=None):
             model.fit(pretrain_data, epochs=config.epochs, callbacks=callbacks, shuffle=False)
         except Diverged as error:
             report["diverged"] = {"epoch": error.epoch, "step": error.step, "what": error.what}
+            log_results(report, config.run_dir)
             write_report(report, config.run_dir)
             raise
         finally:
@@ -297,10 +327,11 @@ def run(config, resume=False, given=None):
                                         if collapse.is_collapsed(row)), None),
             "train_seconds": train_seconds,
         })
-        report["pictures"] = draw_results(model, queries, config.run_dir)
+        report["pictures"] = draw_results(model, queries, rows, report, config.run_dir)
         if model.probe is not None:
             report["online_probe_accuracy"] = online_probe_accuracy(
                 model, test_set.images, test_set.labels)
+        log_results(report, config.run_dir)  # before the report: a resume redoes both
         write_report(report, config.run_dir)
         shutil.rmtree(os.path.join(config.run_dir, "backup"), ignore_errors=True)
         return report

@@ -214,3 +214,68 @@ def test_deterministic_asks_for_onednn_off_when_it_is_on(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "--deterministic: set TF_ENABLE_ONEDNN_OPTS=0 before the run for bit-identical "
         "results on x86 CPUs (oneDNN's kernels)"]
+
+
+def hparams_session(run_dir):
+    """(HParams {name: value}, session status, {scalar tag: value}) that a run's
+    TensorBoard logs hold, read as the HParams dashboard reads them."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    events = EventAccumulator(str(run_dir / "logs" / "train"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = metadata.parse_session_start_info_plugin_data(
+        content[metadata.SESSION_START_INFO_TAG])
+    hparams = {name: getattr(value, value.WhichOneof("kind"))
+               for name, value in start.hparams.items()}
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    scalars = {tag: float(tf.make_ndarray(events.Tensors(tag)[-1].tensor_proto))
+               for tag in events.Tags()["tensors"] if tag.startswith(("final/", "random_init/"))}
+    return hparams, end.status, scalars
+
+
+def test_tensorboard_logs_hold_the_runs_hparams_and_final_errors(tmp_path):
+    import matplotlib.image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2
+
+    run_dir = tmp_path / "run"
+    assert train(TINY + ["--epochs", "1", "--finetune-epochs", "1", "--online-probe",
+                         "--run-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    hparams, status, scalars = hparams_session(run_dir)
+    config = report["config"]
+    assert hparams == {name: "none" if value is None else value
+                       for name, value in config.items() if name != "run_dir"}
+    assert hparams["proj_dim"] == 32 and hparams["dataset"] == "digits"
+    assert status == api_pb2.STATUS_SUCCESS
+    expected = {f"{prefix}/{metric}_error": 1 - report[encoder][f"{metric}_accuracy"]
+                for encoder, prefix in (("pretrained", "final"), ("random_init", "random_init"))
+                for metric in ("knn", "linear", "finetune")}
+    expected["final/online_probe_error"] = 1 - report["online_probe_accuracy"]
+    assert scalars == pytest.approx(expected, rel=1e-6)
+
+    # The view grid: 8 rows of 8x8 digits beside two views, each enlarged to 64 px.
+    assert matplotlib.image.imread(run_dir / "views.png").shape[:2] == (8 * 64, 3 * 64)
+    events = EventAccumulator(str(run_dir / "logs" / "train"))
+    events.Reload()
+    width, height = events.Tensors("augmented_views")[-1].tensor_proto.string_val[:2]
+    assert (int(height), int(width)) == (8 * 64, 3 * 64)
+
+
+def test_tensorboard_logs_of_a_diverged_run_hold_its_hparams_and_random_init_errors(tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    run_dir = tmp_path / "run"
+    assert train(TINY + ["--epochs", "3", "--base-lr", "100", "--weight-decay", "0.5",
+                         "--momentum", "0.99", "--pred-lr-scale", "1000",
+                         "--run-dir", str(run_dir)]) == 1
+    report = json.loads((run_dir / "report.json").read_text())
+    hparams, status, scalars = hparams_session(run_dir)
+    assert hparams["base_lr"] == 100.0 and hparams["pred_lr_scale"] == 1000.0
+    assert status == api_pb2.STATUS_FAILURE
+    assert scalars == pytest.approx({
+        f"random_init/{metric}_error": 1 - report["random_init"][f"{metric}_accuracy"]
+        for metric in ("knn", "linear")}, rel=1e-6)

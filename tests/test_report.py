@@ -5,7 +5,7 @@ import re
 import pytest
 
 from simclic_tf import SimCLICConfig
-from simclic_tf.report import markdown, verdict
+from simclic_tf.report import hparam_values, markdown, tensorboard_metrics, verdict
 
 
 def report_with(knn, linear, random_knn, random_linear, num_classes=10):
@@ -60,3 +60,35 @@ def test_a_diverged_run_reports_where_and_no_pretrained_numbers():
     assert "nothing was exported" in sentence and "--base-lr (this run: 0.12)" in sentence
     text = markdown(report)
     assert "| random initialisation | 72.80 | 59.00 |" in text and "| pretrained |" not in text
+
+
+def test_tensorboard_gets_the_reports_error_rates_as_fractions():
+    report = report_with(0.75, 0.5, 0.25, 0.375)
+    report["pretrained"]["finetune_accuracy"] = 0.875
+    report["random_init"]["finetune_accuracy"] = 0.625
+    report["online_probe_accuracy"] = 0.5625
+    assert tensorboard_metrics(report) == {
+        "final/knn_error": 0.25, "final/linear_error": 0.5, "final/finetune_error": 0.125,
+        "final/online_probe_error": 0.4375, "random_init/knn_error": 0.75,
+        "random_init/linear_error": 0.625, "random_init/finetune_error": 0.375}
+
+
+def test_a_diverged_run_gives_tensorboard_its_random_init_errors_only():
+    report = report_with(0.0, 0.0, 0.25, 0.375)
+    del report["pretrained"]
+    report["diverged"] = {"epoch": 3, "step": 7, "what": "the loss (nan)"}
+    assert tensorboard_metrics(report) == {"random_init/knn_error": 0.75,
+                                           "random_init/linear_error": 0.625}
+
+
+def test_hparams_are_every_knob_but_run_dir_with_none_spelled_out():
+    from tensorboard.plugins.hparams import api as hparams_api
+
+    config = SimCLICConfig(image_size=None, jit=True, strength=0.5).to_dict()
+    values = hparam_values(config)
+    assert set(values) == set(config) - {"run_dir"}
+    assert (values["image_size"], values["eval_dataset"], values["jit"]) == ("none", "none", True)
+    assert {name: value for name, value in values.items() if value != "none"} == {
+        name: value for name, value in config.items()
+        if value is not None and name != "run_dir"}
+    hparams_api.hparams_pb(values)  # raises on a value HParams does not accept
