@@ -11,7 +11,7 @@ import os
 import keras_tuner
 import pytest
 
-from simclic_tf.commands import train, tune
+from simclic_tf.commands import command, train
 from simclic_tf import SimCLICConfig
 from simclic_tf.callbacks import COLLAPSED_RANK, CollapseMonitor
 from simclic_tf.registry import LOSSES, PERTURBATIONS, PREDICTORS
@@ -19,6 +19,7 @@ from simclic_tf.tuning import hypermodel as hypermodel_module
 from simclic_tf.tuning import search as search_module
 from simclic_tf.tuning import table
 
+tune = command("tune")
 TINY = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
         "--pred-hidden", "8", "--batch-size", "64", "--knn-k", "20", "--knn-every", "0",
         "--quiet"]
