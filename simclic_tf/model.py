@@ -16,6 +16,7 @@ from simclic_tf import compat, distribute
 from simclic_tf.backbones import build_backbone
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.heads import build_projector
+from simclic_tf.optimizers import GroupedSGD, ParameterGroup
 from simclic_tf.registry import LOSSES, PERTURBATIONS, PREDICTORS
 
 
@@ -152,44 +153,8 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
             replicas = self.distribute_strategy.num_replicas_in_sync
             scaled = self.optimizer.scale_loss(total / replicas)
         gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(self._sgd_gradients(gradients, variables), variables))
+        self.optimizer.apply_gradients(zip(gradients, variables))
         return self._update_metrics(loss, z)
-
-    def _sgd_gradients(self, gradients, variables):
-        """Weight decay and per-layer learning rates, folded into the gradients.
-
-        L2 decay is added to the gradient as PyTorch SGD's weight_decay does
-        (Keras optimizers' own is decoupled, a different recipe). With SGD's
-        v = m v - lr g, scaling a gradient by c is exactly a learning rate of
-        c lr for that weight, as a PyTorch parameter group. The predictor runs
-        at `pred_lr_scale` times the encoder's rate (times the peak rate if
-        `fix_pred_lr`); the online probe at `online_probe_lr`, without decay.
-        """
-        current = ops.cast(self.optimizer.learning_rate, "float32")
-        # The gradients carry the loss scale and the 1 / replicas share of the
-        # mean (train_step): the decay term must carry them too.
-        decay_scale = ops.cast(self.optimizer.scale_loss(ops.ones((), "float32")), "float32") / (
-            self.distribute_strategy.num_replicas_in_sync)
-
-        def factor_for(rate):
-            # At a warm-up's lr of 0 no weight moves, whatever the factor.
-            return ops.where(current > 0, rate / ops.maximum(current, 1e-30), 0.0)
-
-        config = self.config
-        predictor_factor = (factor_for(config.pred_lr_scale * config.learning_rate)
-                            if config.fix_pred_lr else config.pred_lr_scale)
-        factors = {v.path: predictor_factor for v in self.predictor.trainable_variables}
-        no_decay = set()
-        if self.probe is not None:
-            probe_factor = factor_for(config.online_probe_lr)
-            factors.update({v.path: probe_factor for v in self.probe.trainable_variables})
-            no_decay = {v.path for v in self.probe.trainable_variables}
-        scaled = []
-        for g, v in zip(gradients, variables):
-            if v.path not in no_decay:
-                g = g + ops.cast(config.weight_decay * decay_scale, g.dtype) * ops.cast(v, g.dtype)
-            scaled.append(g * ops.cast(factors[v.path], g.dtype) if v.path in factors else g)
-        return scaled
 
     def test_step(self, data):
         views, indices, *labels = data
@@ -231,7 +196,12 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
 
 def build_optimizer(config, steps_per_epoch):
     """SGD with momentum and cosine decay (linear warm-up optional), the
-    learning rate scaled with the batch size."""
+    learning rate scaled with the batch size, L2 decay added to the gradient
+    as PyTorch's; the predictor at `pred_lr_scale` times the encoder's rate
+    (fixed at that times the peak rate if `fix_pred_lr`), the online probe at
+    a fixed `online_probe_lr` without decay. `pred_lr_scale`, if None, is
+    derived from the run's length as the model does (`config.for_budget`)."""
+    config, _ = config.for_budget(steps_per_epoch)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = config.warmup_epochs * steps_per_epoch
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -240,4 +210,12 @@ def build_optimizer(config, steps_per_epoch):
         warmup_target=config.learning_rate if warmup_steps else None,
         warmup_steps=warmup_steps,
     )
-    return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum)
+    # SimCLIC's predictor and probe are top-level layers: their variables'
+    # paths start with their names (a backbone's "my_predictor_head" is no match).
+    predictor = (ParameterGroup("^predictor/",
+                                learning_rate=config.pred_lr_scale * config.learning_rate)
+                 if config.fix_pred_lr else
+                 ParameterGroup("^predictor/", lr_scale=config.pred_lr_scale))
+    probe = ParameterGroup("^online_probe/", learning_rate=config.online_probe_lr, decay=False)
+    return GroupedSGD(learning_rate=schedule, momentum=config.momentum,
+                      l2=config.weight_decay, groups=[predictor, probe])

@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from simclic_tf import SimCLIC, SimCLICConfig, build_optimizer
+from simclic_tf.optimizers import GroupedSGD
 
 IMAGE_SHAPE = (8, 8, 1)
 BATCH = 16
@@ -60,7 +61,7 @@ def test_target_branch_gradients_are_exactly_zero(perturbation, perturb):
 def test_perturbation_none_is_a_hand_written_simsiam_step():
     # Every weight at one learning rate, as in the paper's Algorithm 1.
     model = tiny_model(perturbation="none", base_lr=0.5, pred_lr_scale=1.0, fix_pred_lr=False)
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    model.compile(optimizer=GroupedSGD(0.1, momentum=0.9, l2=model.config.weight_decay))
     reference = tiny_model(perturbation="none")
     reference.set_weights(model.get_weights())
     (x1, x2), indices = batch()
@@ -93,7 +94,9 @@ def test_the_predictor_learning_rate(scale, fixed):
     peak, current = 0.4, 0.1
     model = tiny_model(perturbation="none", pred_lr_scale=scale, fix_pred_lr=fixed,
                        base_lr=peak * 256 / BATCH, weight_decay=0.0)
-    model.compile(optimizer=keras.optimizers.SGD(current))
+    # build_optimizer's groups, at a constant rate below the peak.
+    groups = build_optimizer(model.config, 512 // BATCH).groups
+    model.compile(optimizer=GroupedSGD(current, groups=groups))
     variables = model.trainable_variables
     before = [v.numpy() for v in variables]
     data = batch()
