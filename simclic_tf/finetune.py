@@ -12,49 +12,43 @@ The recipe, SimSiam/BYOL-style but milder on a small budget:
 - augmentation on, milder than pretraining's: random resized crop with scale
   0.5 to 1 and a horizontal flip, no colour jitter, grayscale or blur.
 
-The two learning rates: the `FineTuner.train_step` scales the backbone's
-gradients by `backbone_lr_scale`. With SGD (v <- m v - lr g; w <- w + v)
-that is exactly a learning rate of lr x scale for those weights, as a PyTorch
-parameter group, with one optimizer, one schedule and one step counter
-(two optimizers would double both for no gain). Adam-like optimizers
-normalise the gradient's scale away, so `FineTuner` accepts SGD only.
+The two learning rates are parameter groups of one `GroupedSGD`
+(`finetune_optimizer`): the backbone's variables at `backbone_lr_scale`
+times the head's rate, one schedule and one step counter.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from simclic_tf.augment import RandomResizedCrop, parallel_safe
 from simclic_tf.data import eval_dataset, shuffled_batches
+from simclic_tf.optimizers import GroupedSGD, ParameterGroup
 
 CROP_SCALE = (0.5, 1.0)  # milder than pretraining's (0.2, 1.0)
+HEAD = "head"  # the head layer's name: its variables' paths start "head/"
 
 
 @keras.saving.register_keras_serializable("simclic_tf")
 class FineTuner(keras.Model):
     """`backbone` then a Dense head to `num_classes` logits, trained end to end
-    with the backbone's learning rate `backbone_lr_scale` times the head's.
+    by Keras's own train_step; compile it with `finetune_optimizer` for the
+    backbone's lower learning rate and the L2 decay.
 
     Args:
       backbone: a Keras model from images to pooled features; trained in place,
         so pass a copy if the original must stay as it is (`finetune` does).
       num_classes: size of the head.
-      backbone_lr_scale: the backbone's learning rate over the head's.
-      weight_decay: L2 coefficient added to every trainable weight's gradient.
       seed: initialiser seed of the head.
     """
 
-    def __init__(self, backbone, num_classes, backbone_lr_scale=0.1, weight_decay=5e-4,
-                 seed=None, **kwargs):
+    def __init__(self, backbone, num_classes, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.num_classes = int(num_classes)
-        self.backbone_lr_scale = float(backbone_lr_scale)
-        self.weight_decay = float(weight_decay)
         self.head = keras.layers.Dense(
             self.num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed),
-            name="head")
+            name=HEAD)
         self.head.build((None, backbone.output.shape[-1]))
         self.built = True
 
@@ -62,41 +56,11 @@ class FineTuner(keras.Model):
         """Class logits."""
         return self.head(self.backbone(images, training=training))
 
-    def compile(self, optimizer="sgd", **kwargs):
-        optimizer = keras.optimizers.get(optimizer)
-        if not isinstance(optimizer, keras.optimizers.SGD):
-            raise ValueError(
-                f"FineTuner needs an SGD optimizer, not {type(optimizer).__name__}: its "
-                "backbone learning rate is applied by scaling gradients, which "
-                "Adam-like optimizers normalise away")
-        super().compile(optimizer=optimizer, **kwargs)
-
-    def train_step(self, data):
-        images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            logits = self(images, training=True)
-            loss = self.compute_loss(x=images, y=labels, y_pred=logits,
-                                     sample_weight=sample_weight, training=True)
-        gradients = tape.gradient(loss, variables)
-        in_backbone = {id(v) for v in self.backbone.trainable_variables}
-        scaled = []
-        for gradient, variable in zip(gradients, variables):
-            # L2 as PyTorch SGD's weight_decay, then the group's learning-rate factor.
-            gradient = gradient + self.weight_decay * ops.cast(variable, gradient.dtype)
-            if id(variable) in in_backbone:
-                gradient = gradient * self.backbone_lr_scale
-            scaled.append(gradient)
-        self.optimizer.apply_gradients(zip(scaled, variables))
-        return self.compute_metrics(images, labels, logits, sample_weight)
-
     def get_config(self):
         return {
             **super().get_config(),
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "num_classes": self.num_classes,
-            "backbone_lr_scale": self.backbone_lr_scale,
-            "weight_decay": self.weight_decay,
         }
 
     @classmethod
@@ -104,6 +68,14 @@ class FineTuner(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def finetune_optimizer(learning_rate, backbone_lr_scale=0.1, momentum=0.9, weight_decay=5e-4):
+    """The `GroupedSGD` of a `FineTuner`: the head at `learning_rate` (a float
+    or a schedule), every other variable (the backbone's) at `backbone_lr_scale`
+    times it, L2 `weight_decay` on all."""
+    backbone = ParameterGroup(f"^(?!{HEAD}/)", lr_scale=backbone_lr_scale)
+    return GroupedSGD(learning_rate, momentum=momentum, l2=weight_decay, groups=[backbone])
 
 
 def copy_model(model):
@@ -155,12 +127,11 @@ def finetune(backbone, train_set, epochs, num_classes=None, batch_size=128,
     keras.utils.set_random_seed(seed)
     batch_size = min(batch_size, len(train_set))
     steps_per_epoch = len(train_set) // batch_size
-    model = FineTuner(copy_model(backbone), num_classes or train_set.num_classes,
-                      backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
-                      seed=seed)
+    model = FineTuner(copy_model(backbone), num_classes or train_set.num_classes, seed=seed)
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate, max(1, epochs * steps_per_epoch))
-    model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=momentum),
+    model.compile(optimizer=finetune_optimizer(schedule, backbone_lr_scale, momentum,
+                                               weight_decay),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     augment = finetune_augmentation(train_set.images.shape[1:3], crop_scale, flip, seed)
@@ -184,4 +155,5 @@ def finetune_accuracy(backbone, train_set, test_set, epochs, **kwargs):
 
 
 __all__ = ["FineTuner", "copy_model", "finetune", "finetune_accuracy",
-           "finetune_augmentation", "labelled_batches", "predict_classes"]
+           "finetune_augmentation", "finetune_optimizer", "labelled_batches",
+           "predict_classes"]
