@@ -17,38 +17,36 @@ IMAGE_SHAPE = (8, 8, 1)
 BATCH = 16
 
 
-class FoldedSimCLIC(SimCLIC):
-    """SimCLIC's train step before GroupedSGD (simclic_tf/model.py up to
-    f04fc76): L2 and the groups' factors folded into the gradients given to a
-    plain SGD. The reference the new path must match bit for bit."""
+class FoldingSGD(keras.optimizers.SGD):
+    """A plain SGD given `simclic`'s gradients with L2 and the groups' factors
+    folded in, as SimCLIC._sgd_gradients did before GroupedSGD
+    (simclic_tf/model.py up to f04fc76): the reference the new path must
+    match bit for bit, behind SimCLIC's own train_step."""
 
-    def train_step(self, data):
-        views, indices, *labels = data
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            loss, z, features = self.compute_objective(views, indices, training=True)
-            total = loss + (self._probe_loss(features, labels[0]) if labels else 0.0)
-            replicas = self.distribute_strategy.num_replicas_in_sync
-            scaled = self.optimizer.scale_loss(total / replicas)
-        gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(self._sgd_gradients(gradients, variables), variables))
-        return self._update_metrics(loss, z)
+    def __init__(self, simclic, **kwargs):
+        super().__init__(**kwargs)
+        self.simclic = simclic
+
+    def apply_gradients(self, grads_and_vars):
+        gradients, variables = zip(*grads_and_vars)
+        return super().apply_gradients(zip(self._sgd_gradients(gradients, variables),
+                                           variables))
 
     def _sgd_gradients(self, gradients, variables):
-        current = ops.cast(self.optimizer.learning_rate, "float32")
-        decay_scale = ops.cast(self.optimizer.scale_loss(ops.ones((), "float32")), "float32") / (
-            self.distribute_strategy.num_replicas_in_sync)
+        current = ops.cast(self.learning_rate, "float32")
+        decay_scale = ops.cast(self.scale_loss(ops.ones((), "float32")), "float32") / (
+            self.simclic.distribute_strategy.num_replicas_in_sync)
 
         def factor_for(rate):
             return ops.where(current > 0, rate / ops.maximum(current, 1e-30), 0.0)
 
-        config = self.config
+        config = self.simclic.config
         predictor_factor = (factor_for(config.pred_lr_scale * config.learning_rate)
                             if config.fix_pred_lr else config.pred_lr_scale)
-        factors = {v.path: predictor_factor for v in self.predictor.trainable_variables}
+        factors = {v.path: predictor_factor for v in self.simclic.predictor.trainable_variables}
         probe_factor = factor_for(config.online_probe_lr)
-        factors.update({v.path: probe_factor for v in self.probe.trainable_variables})
-        no_decay = {v.path for v in self.probe.trainable_variables}
+        factors.update({v.path: probe_factor for v in self.simclic.probe.trainable_variables})
+        no_decay = {v.path for v in self.simclic.probe.trainable_variables}
         scaled = []
         for g, v in zip(gradients, variables):
             if v.path not in no_decay:
@@ -78,18 +76,18 @@ def test_simclic_steps_exactly_as_the_folded_gradients(fix_pred_lr):
     labels = rng.integers(0, 3, (3, BATCH))
     data = tf.data.Dataset.from_tensor_slices(((views[:, 0], views[:, 1]), indices, labels))
 
-    def trained(model_class, optimizer):
+    def trained(optimizer_for):
         keras.utils.set_random_seed(0)
-        model = model_class(config, IMAGE_SHAPE, num_samples, num_classes=3)
-        model.compile(optimizer=optimizer, jit_compile=False)
+        model = SimCLIC(config, IMAGE_SHAPE, num_samples, num_classes=3)
+        model.compile(optimizer=optimizer_for(model), jit_compile=False)
         model.fit(data, epochs=1, shuffle=False, verbose=0)
         return model
 
     grouped = build_optimizer(config, steps_per_epoch)
     assert float(grouped.learning_rate) == 0.0  # the first step is at lr 0
-    new = trained(SimCLIC, grouped)
-    plain = keras.optimizers.SGD(learning_rate=grouped._learning_rate, momentum=config.momentum)
-    old = trained(FoldedSimCLIC, plain)
+    new = trained(lambda model: grouped)
+    old = trained(lambda model: FoldingSGD(model, learning_rate=grouped._learning_rate,
+                                           momentum=config.momentum))
 
     assert int(new.optimizer.iterations) == 3 and int(old.optimizer.iterations) == 3
     keras.utils.set_random_seed(0)
