@@ -25,8 +25,8 @@ class KNNMonitor(keras.callbacks.Callback):
     History and tuners see it).
 
     Args:
-      memory: labelled ImageSet whose features are the kNN memory bank.
-      queries: labelled ImageSet to classify.
+      memory: labelled image set whose features are the kNN memory bank.
+      queries: labelled image set to classify.
     """
 
     def __init__(self, memory, queries, k=200, temperature=0.1, every=1):
@@ -43,8 +43,8 @@ class KNNMonitor(keras.callbacks.Callback):
             return
         backbone = self.model.backbone
         logs["knn_accuracy"] = knn_accuracy(
-            extract_features(backbone, self.memory.images), self.memory.labels,
-            extract_features(backbone, self.queries.images), self.queries.labels,
+            extract_features(backbone, self.memory), self.memory.labels,
+            extract_features(backbone, self.queries), self.queries.labels,
             self.memory.num_classes, k=self.k, temperature=self.temperature)
 
 

@@ -87,6 +87,11 @@ class SimCLICConfig:
         0.2, "fraction held out for evaluation when the dataset has no test split",
         range=(0.01, 0.9),
     )
+    data_storage: str = knob(
+        "auto", "where the images are read from during the run: memory (decoded once, the "
+        "fastest), stream (read and decoded from disk a batch at a time: any size), or "
+        "auto (memory when the decoded set takes at most 1 GiB)",
+        choices=("auto", "memory", "stream"))
     crop_min_scale: float = knob(
         0.2, "smallest area of the random resized crop, as a fraction of the image "
         "(SimSiam's 0.2; tiny images may need more)", range=(0.01, 1.0))
@@ -146,6 +151,10 @@ class SimCLICConfig:
         5e-4, "L2 weight decay added to the gradient, as PyTorch SGD does",
         range=(0.0, 1.0),
     )
+    steps_per_epoch: Optional[int] = knob(
+        None, "training steps per epoch, as Keras's fit (logs, checkpoints and the kNN "
+        "monitor come once an epoch); default: one pass over the data, N // batch size. "
+        "The data run on across epochs, each pass a new permutation", range=(1, 10**9))
     warmup_epochs: int = knob(0, "linear learning-rate warm-up epochs", range=(0, 100000))
     pred_lr_scale: Optional[float] = knob(
         None, "predictor learning rate as a multiple of the encoder's; default: derived "
@@ -157,6 +166,10 @@ class SimCLICConfig:
     # Evaluation.
     knn_k: int = knob(200, "neighbours in the weighted kNN", range=(1, 100000))
     knn_t: float = knob(0.1, "temperature of the weighted kNN", range=(1e-4, 100.0))
+    knn_bank_size: Optional[int] = knob(
+        None, "at most this many labelled images (a stratified sample) form the kNN "
+        "memory and train the linear and fine-tuned classifiers, for very large sets; "
+        "default: all", range=(2, 10**9))
     knn_every: int = knob(1, "kNN monitor every N epochs (0: off)", range=(0, 100000))
     online_probe: bool = knob(
         False, "train a linear classifier on stop-gradient features during pretraining "
@@ -277,6 +290,11 @@ class SimCLICConfig:
         if self.pred_lr_scale is None:
             derived["pred_lr_scale"] = derive_pred_lr_scale(total_steps)
         return self.replace(**derived), derived
+
+    def epoch_steps(self, num_samples):
+        """Steps in an epoch over `num_samples` images: `steps_per_epoch`, else
+        one pass of whole batches."""
+        return self.steps_per_epoch or num_samples // self.batch_size
 
     @property
     def learning_rate(self):

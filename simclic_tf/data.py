@@ -9,27 +9,32 @@ A dataset name is one of (`DATA_SOURCES`, one class each):
 - any other name: a tensorflow-datasets dataset (or `tfds:NAME`), read from
   `--data-dir` and downloaded there if it is not prepared yet.
 
-Limitation of this first version: every dataset is materialised in memory as
-one uint8 array (N x H x W x C), so it must fit in RAM (CIFAR-10: 150 MB;
-ImageNet at 224 px would not), and the arrays are captured by the tf.data
-pipelines as constants, which caps them at 2 GB wherever the pipeline graph is
-serialised (tf.data service, some tf.distribute rewrites).
+A dataset opens as an image set with stable indices (`simclic_tf.images`):
+a folder as its file list, decoded a batch at a time; an uncompressed .npz
+memory-mapped; tensorflow-datasets from its prepared files. `load_images`
+then keeps it so (`storage="stream"`), decodes it into memory ("memory"), or
+chooses by its decoded size ("auto": memory up to `MEMORY_LIMIT`).
+
+Pretraining draws whole batches in an order fixed by (seed, pass over the
+data) alone, so that a run resumed at epoch k reads what an uninterrupted
+run reads, and each replica (and worker) reads only its share of every
+global batch (`pretrain_dataset`).
 """
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
+import zipfile
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import tensorflow as tf
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from simclic_tf.config import flag
+from simclic_tf.images import (ImageFiles, ImageSet, Images, ImageStream, MappedArray,
+                               memory_map_npz, resize)
 from simclic_tf.registry import Registry
 
 DATA_SOURCES = Registry("data source")
@@ -38,43 +43,15 @@ AUTOTUNE = tf.data.AUTOTUNE
 # tensorflow-datasets' mirror, which it tries first for every download.
 DOWNLOAD_HOST = ("storage.googleapis.com", 443)
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+STORAGES = ("auto", "memory", "stream")
+# "auto" decodes a set into memory up to this size: reading it is then a gather.
+MEMORY_LIMIT = 2 ** 30
 
 logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """A dataset cannot be read or used; the message names the input at fault."""
-
-
-@dataclasses.dataclass
-class ImageSet:
-    """Images in memory: uint8 (N, H, W, C), int64 labels (N,) or None if unlabeled."""
-
-    images: np.ndarray
-    labels: Optional[np.ndarray]
-    class_names: List[str]
-
-    @property
-    def num_classes(self):
-        return len(self.class_names)
-
-    @property
-    def image_shape(self):
-        return self.images.shape[1:]
-
-    def __len__(self):
-        return len(self.images)
-
-    def subset(self, indices):
-        labels = None if self.labels is None else self.labels[indices]
-        return ImageSet(self.images[indices], labels, self.class_names)
-
-    def stratified_split(self, fraction, seed):
-        """(rest, held-out `fraction`), stratified by label and seeded, rows kept
-        in order. Raises scikit-learn's ValueError when a class is too small."""
-        rest, held_out = train_test_split(np.arange(len(self)), test_size=fraction,
-                                          random_state=seed, stratify=self.labels)
-        return self.subset(np.sort(rest)), self.subset(np.sort(held_out))
 
 
 class DataSource:
@@ -88,8 +65,9 @@ class DataSource:
     takes_argument = True
 
     def load(self, argument, split, data_dir, size):
-        """The ImageSet of `split`; `size`, (height, width) or None, may be honoured
-        while decoding (the caller resizes whatever comes back at another size)."""
+        """The image set (`simclic_tf.images`) of `split`, opened without decoding
+        it where the format allows; `size`, (height, width) or None, may be
+        honoured (the caller resizes whatever comes back at another size)."""
         raise NotImplementedError
 
     def test_split(self, argument, data_dir):
@@ -213,9 +191,13 @@ class Npz(DataSource):
         try:
             # No pickle: an .npz must not be able to run code.
             with np.load(path) as arrays:
-                found = {key: arrays[key] for key in ("x", "y", "class_names")
-                         if key in arrays.files}
-        except (OSError, ValueError, AttributeError) as error:
+                found = {key: arrays[key] for key in ("y", "class_names") if key in arrays.files}
+                mapped = memory_map_npz(path) if "x" in arrays.files else None
+                if "x" in arrays.files and mapped is None:  # Compressed: read it whole.
+                    found["x"] = arrays["x"]
+                elif mapped is not None:
+                    found["x"] = mapped
+        except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as error:
             raise DataError(
                 f"{name!r}: cannot read it as an .npz without pickle ({error}); "
                 f"expected a file written by np.savez with {self.expected}"
@@ -235,8 +217,13 @@ class Npz(DataSource):
                 f"{name!r}: array 'x' has shape {images.shape}; expected N x H x W x C "
                 "with N > 0 and C 1 (grey) or 3 (RGB), or N x H x W"
             )
+        def image_set(labels, class_names):
+            if isinstance(images, np.memmap):
+                return MappedArray(images, labels, class_names)
+            return ImageSet(images, labels, class_names)
+
         if "y" not in found:
-            return ImageSet(images, None, [])
+            return image_set(None, [])
         labels = found["y"]
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
@@ -256,7 +243,7 @@ class Npz(DataSource):
                     f"{name!r}: array 'class_names' has {len(class_names)} names but "
                     f"'y' has labels up to {num_classes - 1}; expected one name per class"
                 )
-        return ImageSet(images, labels.astype(np.int64), class_names)
+        return image_set(labels.astype(np.int64), class_names)
 
 
 @DATA_SOURCES.register("dir")
@@ -266,11 +253,10 @@ class Directory(DataSource):
     As Keras's `image_dataset_from_directory`: every subfolder is a class, class
     index = position in the sorted folder names, and with subfolders present
     files directly in PATH are ignored. Images (by extension: BMP, GIF, JPEG,
-    PNG, searched recursively) are decoded in a parallel tf.data map, as RGB,
-    then kept grey (C = 1) if every image is grey. They are resized to `size`,
-    by default the size of the first image that decodes (sorted order).
-    A file that does not decode is skipped; one warning line counts them and
-    names the first few. A folder where nothing decodes is an error.
+    PNG, searched recursively) are decoded when read, in a parallel tf.data
+    map, with the channels (grey or RGB) and, unless `size` is given, the size
+    of the first image that decodes (sorted order). A file that does not
+    decode is skipped. A folder where nothing decodes is an error.
     """
 
     usage = "dir:PATH"
@@ -296,10 +282,7 @@ class Directory(DataSource):
         if not files:
             raise DataError(f"{name!r} holds no image files "
                             f"({', '.join(IMAGE_EXTENSIONS)}), in it or in its subfolders")
-        images, decoded = _decode_files(files, size, name)
-        if labels is not None:
-            labels = labels[decoded]
-        return ImageSet(images, labels, class_names)
+        return ImageFiles(files, labels, class_names, _first_image_shape(files, size, name))
 
 
 @DATA_SOURCES.register("tfds")
@@ -316,32 +299,33 @@ class TFDS(DataSource):
         if size is None and None in features["image"].shape[:2]:
             raise DataError(f"{name!r} has images of varying size; choose one with "
                             f"{flag('image_size')}")
+        # One pass over the prepared files, images left undecoded: N and the labels.
+        import tensorflow_datasets as tfds
+
+        labelled = "label" in features
         try:
-            examples = builder.as_dataset(split=split, shuffle_files=False)
+            undecoded = builder.as_dataset(split=split, shuffle_files=False,
+                                           decoders={"image": tfds.decode.SkipDecoding()})
         except (ValueError, KeyError) as error:
             raise DataError(f"{name!r} has no split {split!r} ({error}); its splits: "
                             f"{', '.join(builder.info.splits) or 'unknown'}") from None
-        labelled = "label" in features
-
-        def convert(example):
-            image = example["image"]
-            if size is not None:
-                image = _resize(image, size)
-            return image, example["label"] if labelled else 0
-
-        images, labels = [], []
-        for image, label in examples.map(convert, AUTOTUNE).batch(1024).as_numpy_iterator():
-            images.append(image)
-            labels.append(label)
-        if not images:
+        labels = np.fromiter(undecoded.map(
+            lambda example: example["label"] if labelled else tf.constant(-1, tf.int64),
+            AUTOTUNE).as_numpy_iterator(), np.int64)
+        if not len(labels):
             raise DataError(f"{name!r}: split {split!r} is empty")
-        images = np.concatenate(images)
-        if not labelled:
-            return ImageSet(images, None, [])
-        labels = np.concatenate(labels).astype(np.int64)
-        class_names = (getattr(features["label"], "names", None)
-                       or [str(i) for i in range(labels.max() + 1)])
-        return ImageSet(images, labels, list(class_names))
+        count, labels, class_names = len(labels), (labels if labelled else None), []
+        if labelled:
+            class_names = list(getattr(features["label"], "names", None)
+                               or [str(i) for i in range(labels.max() + 1)])
+        height, width, channels = features["image"].shape
+        shape = (*(size or (height, width)), channels)
+
+        def read():
+            examples = builder.as_dataset(split=split, shuffle_files=False)
+            return examples.map(lambda example: _fit(example["image"], shape[:2]), AUTOTUNE)
+
+        return ImageStream(read, count, labels, class_names, shape)
 
     def test_split(self, name, data_dir):
         """"test", else "validation" (ImageNet's evaluation split), else None."""
@@ -394,15 +378,47 @@ def unreachable(address, timeout=5.0):
     return None
 
 
-def load_images(name, split="train", data_dir=None, image_size=None):
-    """The ImageSet named `name` (see the module docstring), resized to `image_size`
-    (a side length or a (height, width) pair) when it is given."""
+def load_images(name, split="train", data_dir=None, image_size=None, storage="auto"):
+    """The image set named `name` (see the module docstring), resized to
+    `image_size` (a side length or a (height, width) pair) when it is given,
+    in `storage`: "memory" (an `ImageSet`), "stream" (read from disk when a
+    batch asks) or "auto" (memory when it decodes to `MEMORY_LIMIT` or less)."""
+    if storage not in STORAGES:
+        raise DataError(f"{flag('data_storage')} {storage!r} is not accepted; choose one "
+                        f"of: {', '.join(STORAGES)}")
     source, argument = _resolve(name)
     size = _size(image_size)
-    data = source.load(argument, split, data_dir, size)
-    if size is not None and data.images.shape[1:3] != size:
-        data.images = _resize_array(data.images, size)
-    return data
+    images = source.load(argument, split, data_dir, size)
+    if size is not None and tuple(images.image_shape[:2]) != size:
+        images = images.resized(size)
+    if storage == "memory" or (storage == "auto" and images.nbytes <= MEMORY_LIMIT):
+        return to_memory(images, name)
+    return images
+
+
+def to_memory(images, name):
+    """`images` decoded into an `ImageSet`; files that do not decode are left
+    out, with one warning line that counts them and names the first few."""
+    if isinstance(images, ImageSet):
+        return images
+    if not images.random_access:
+        pixels = np.concatenate(list(images.batches(1024).as_numpy_iterator()))
+        return ImageSet(pixels, images.labels, images.class_names)
+    positions, pixels = [], []
+    everything = tf.data.Dataset.range(len(images)).batch(1024)
+    for indices, batch in images.read(everything, 1024).as_numpy_iterator():
+        positions.append(indices)
+        pixels.append(batch)
+    positions = np.concatenate(positions)
+    failed = sorted(set(range(len(images))) - set(positions.tolist()))
+    if failed:
+        paths = getattr(images, "paths", None)
+        named = "" if paths is None else ": " + ", ".join(paths[i] for i in failed[:3]) + (
+            ", ..." if len(failed) > 3 else "")
+        logger.warning("%s: skipped %d of %d image files that do not decode%s",
+                       name, len(failed), len(images), named)
+    labels = None if images.labels is None else images.labels[positions]
+    return ImageSet(np.concatenate(pixels), labels, images.class_names)
 
 
 def load_train_and_eval(config):
@@ -413,20 +429,23 @@ def load_train_and_eval(config):
     `test_fraction` of the dataset (stratified by label, `seed`). It is resized
     to the training images' size.
     """
-    test_split = None
+    test_split, storage = None, config.data_storage
     with _blame("dataset"):
-        train = load_images(config.dataset, "train", config.data_dir, config.image_size)
-        size = train.images.shape[1:3]
+        train = load_images(config.dataset, "train", config.data_dir, config.image_size,
+                            storage)
+        size = train.image_shape[:2]
         if not config.eval_dataset:
             source, argument = _resolve(config.dataset)
             test_split = source.test_split(argument, config.data_dir)
         if test_split:
-            evaluation = load_images(config.dataset, test_split, config.data_dir, size)
+            evaluation = load_images(config.dataset, test_split, config.data_dir, size,
+                                     storage)
     if config.eval_dataset:
         with _blame("eval_dataset"):
             source, argument = _resolve(config.eval_dataset)
             split = source.test_split(argument, config.data_dir) or "train"
-            evaluation = load_images(config.eval_dataset, split, config.data_dir, size)
+            evaluation = load_images(config.eval_dataset, split, config.data_dir, size,
+                                     storage)
     elif not test_split:
         train, evaluation = _hold_out(train, config)
     if evaluation.labels is None:
@@ -443,49 +462,118 @@ def load_train_and_eval(config):
             f"{flag('eval_dataset')}: the evaluation set ({name}) holds a single class "
             f"(label {present[0]}), so every kNN and linear prediction would be right; pass "
             "a labelled set of two classes or more")
-    if evaluation.images.shape[-1] != train.images.shape[-1]:
+    if evaluation.image_shape[-1] != train.image_shape[-1]:
         raise DataError(
             f"{flag('eval_dataset')}: the evaluation images have "
-            f"{evaluation.images.shape[-1]} channels and the training images "
-            f"{train.images.shape[-1]}; expected the same"
+            f"{evaluation.image_shape[-1]} channels and the training images "
+            f"{train.image_shape[-1]}; expected the same"
         )
     return train, evaluation
 
 
-def pretrain_dataset(images, batch_size, views, augment, seed=None, labels=None,
+def pretrain_dataset(images, batch_size, views, augment, seed=0, with_labels=False,
+                     epochs=1, initial_epoch=0, steps_per_epoch=None, input_context=None,
                      shuffle_buffer=10_000):
-    """Batches `(views, indices)` for pretraining, reshuffled every epoch, or
-    `(views, indices, labels)` when `labels` are given (for the online probe).
+    """Batches `(views, indices)` for pretraining epochs `initial_epoch` to
+    `epochs` - 1, each of `steps_per_epoch` steps (default: one pass over the
+    data), or `(views, indices, labels)` `with_labels` (the online probe).
+    Train on it with `model.fit(dataset, epochs=epochs, initial_epoch=...,
+    steps_per_epoch=...)`.
 
     `views` is a tuple of `views` (1 or 2) float32 batches (B, H, W, C) in [0, 1],
     each an independent draw of `augment` on the same images; `indices` (B,)
-    int32 are the images' stable dataset indices (the history buffer's keys).
-    Only whole batches: an epoch is `N // batch_size` steps.
+    int32 are the images' stable indices (the history bank's keys).
 
-    `images` is a uint8 array (N, H, W, C), gathered and augmented a batch at
-    a time in a parallel map, or a finite `tf.data.Dataset` of single images
-    (uint8 in [0, 255] or floats in [0, 1]) that yields them in the same
-    order every epoch: its i-th image is index i (`dataset_size` gives N).
-    It is shuffled through a buffer of `shuffle_buffer` images.
+    The run is a stream of passes over the data, `len(images) // batch_size`
+    whole global batches each, epochs cut from it by `steps_per_epoch`: pass p
+    is a permutation of the indices drawn by `index_shuffle` from (seed, p)
+    alone, so an epoch's batches do not depend on where the run (re)started,
+    and every index comes at most once a pass. A set read front to back
+    (`random_access` False) is shuffled through a buffer of `shuffle_buffer`
+    images instead, seeded by (seed, p). With `input_context` (tf.distribute's,
+    see `distribute_pretraining`) the dataset holds this input pipeline's
+    replicas' shares of every global batch, in replica order: the batch each
+    replica trains on is its slice of the one a single device would see.
+
+    `images` is a `simclic_tf.images.Images`, a uint8 array (N, H, W, C), or a
+    finite `tf.data.Dataset` of single images (uint8, or floats in [0, 1])
+    that yields them in the same order every time: its i-th image is index i.
     """
     if views not in (1, 2):
         raise ValueError(f"{flag('views')} {views} is not accepted; choose 1 or 2")
-    if isinstance(images, tf.data.Dataset):
-        if labels is not None:
-            raise ValueError("labels go with an array of images; a tf.data.Dataset of "
-                             "images carries none")
-        return _pretrain_from_dataset(images, batch_size, views, augment, seed,
-                                      shuffle_buffer)
+    images = as_images(images)
+    if with_labels and images.labels is None:
+        raise DataError(f"{flag('online_probe')} needs labels; the training set has none "
+                        "(pass a labelled --dataset)")
     check_batch_size(batch_size, len(images))
-    pixels = tf.convert_to_tensor(images)
-    label_table = None if labels is None else tf.convert_to_tensor(labels, tf.int32)
+    steps_per_pass = len(images) // batch_size
+    steps_per_epoch = steps_per_epoch or steps_per_pass
+    first, last = initial_epoch * steps_per_epoch, epochs * steps_per_epoch
+    context = input_context or tf.distribute.InputContext()
+    per_replica = context.get_per_replica_batch_size(batch_size)
+    local = context.num_replicas_in_sync // context.num_input_pipelines
+    # This pipeline's replicas' positions in every global batch, in order.
+    share = (context.input_pipeline_id * local * per_replica
+             + tf.range(local * per_replica, dtype=tf.int64))
+    if images.random_access:
+        def replica_indices(step):
+            positions = (step % steps_per_pass) * batch_size + share
+            seed_pair = tf.stack([tf.constant(seed, tf.int64), step // steps_per_pass])
+            return tf.reshape(tf.random.experimental.index_shuffle(
+                positions, seed_pair, max_index=len(images) - 1), (local, per_replica))
 
-    def make_views(indices):
-        batch = tf.cast(tf.gather(pixels, indices), tf.float32) / 255.0
+        index_batches = tf.data.Dataset.range(first, last).map(replica_indices).unbatch()
+        batches = images.read(index_batches, per_replica)
+    else:
+        def one_pass(number):
+            return (images.stream().enumerate()
+                    .shuffle(shuffle_buffer, seed=seed * 1_000_003 + number)
+                    .batch(batch_size, drop_remainder=True)
+                    .map(lambda i, x: (tf.reshape(tf.gather(i, share), (local, per_replica)),
+                                       tf.reshape(tf.gather(x, share),
+                                                  (local, per_replica, *x.shape[1:]))))
+                    .unbatch())
+
+        passes = tf.data.Dataset.range(first // steps_per_pass,
+                                       (last - 1) // steps_per_pass + 1)
+        batches = (passes.flat_map(one_pass).skip(first % steps_per_pass * local)
+                   .take((last - first) * local))
+    labels = tf.constant(images.labels if with_labels else [], tf.int32)
+
+    def make_views(indices, pixels):
+        pixels = tf.cast(pixels, tf.float32)
+        batch = pixels / 255.0 if images.dtype == tf.uint8 else pixels
         element = (tuple(augment(batch) for _ in range(views)), tf.cast(indices, tf.int32))
-        return element if label_table is None else element + (tf.gather(label_table, indices),)
+        return element + (tf.gather(labels, indices),) if with_labels else element
 
-    return shuffled_batches(len(images), batch_size, make_views, seed)
+    batches = batches.map(make_views, num_parallel_calls=AUTOTUNE)
+    return batches.apply(tf.data.experimental.assert_cardinality(
+        (last - first) * local)).prefetch(AUTOTUNE)
+
+
+def distribute_pretraining(strategy, images, batch_size, **kwargs):
+    """`pretrain_dataset` for `strategy`: with several replicas, built per input
+    pipeline (worker) by `distribute_datasets_from_function`, so that each
+    worker reads only its replicas' images; else the plain dataset."""
+    if strategy.num_replicas_in_sync == 1:
+        return pretrain_dataset(images, batch_size, **kwargs)
+    return strategy.distribute_datasets_from_function(
+        lambda context: pretrain_dataset(images, batch_size, input_context=context, **kwargs))
+
+
+def as_images(images):
+    """An `Images` for what `pretrain_dataset` and `eval_dataset` accept."""
+    if isinstance(images, Images):
+        return images
+    if isinstance(images, tf.data.Dataset):
+        spec = images.element_spec
+        if not isinstance(spec, tf.TensorSpec) or spec.shape.rank != 3:
+            raise DataError(f"a tf.data.Dataset of images yields single images (H, W, C); "
+                            f"this one yields {spec}")
+        stream = ImageStream(lambda: images, dataset_size(images), None, [], spec.shape)
+        stream.dtype = spec.dtype
+        return stream
+    return ImageSet(np.asarray(images), None, [])
 
 
 def check_batch_size(batch_size, count):
@@ -506,51 +594,28 @@ def dataset_size(dataset):
     return count
 
 
-def _pretrain_from_dataset(dataset, batch_size, views, augment, seed, shuffle_buffer):
-    """`pretrain_dataset` for a tf.data.Dataset of single images."""
-    spec = dataset.element_spec
-    if not isinstance(spec, tf.TensorSpec) or spec.shape.rank != 3:
-        raise DataError(f"a tf.data.Dataset for pretraining yields single images (H, W, C); "
-                        f"this one yields {spec}")
-    check_batch_size(batch_size, dataset_size(dataset))
-    to_unit = (lambda x: tf.cast(x, tf.float32) / 255.0) if spec.dtype == tf.uint8 else (
-        lambda x: tf.cast(x, tf.float32))
-
-    def make_views(indices, batch):
-        batch = to_unit(batch)
-        return tuple(augment(batch) for _ in range(views)), tf.cast(indices, tf.int32)
-
-    return (
-        dataset.enumerate()
-        .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size, drop_remainder=True)
-        .map(make_views, num_parallel_calls=AUTOTUNE)
-        .prefetch(AUTOTUNE)
-    )
-
-
-def shuffled_batches(count, batch_size, make_batch, seed=None):
-    """Whole batches of the row indices 0..count-1, reshuffled every epoch,
-    each turned into a training batch by `make_batch` in a parallel map.
-    Shuffling row indices, not images, keeps the shuffle buffer small."""
-    return (
-        tf.data.Dataset.range(count)
-        .shuffle(count, seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size, drop_remainder=True)
-        .map(make_batch, num_parallel_calls=AUTOTUNE)
-        .prefetch(AUTOTUNE)
-    )
+def shuffled_batches(images, batch_size, make_batch, seed=None):
+    """Whole batches of `images` in a new random order every time the dataset
+    is iterated (fine-tuning's input), each `(indices, uint8 pixels)` turned
+    into a training batch by `make_batch` in a parallel map. A random-access
+    set shuffles its indices, not its images, which keeps the buffer small."""
+    if images.random_access:
+        indices = (tf.data.Dataset.range(len(images))
+                   .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+                   .batch(batch_size, drop_remainder=True))
+        batches = images.read(indices, batch_size)
+    else:
+        batches = (images.stream().enumerate().shuffle(10_000, seed=seed)
+                   .batch(batch_size, drop_remainder=True))
+    return batches.map(make_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
 def eval_dataset(images, batch_size):
-    """float32 batches in [0, 1] of `images` in order, the last one possibly smaller."""
-    pixels = tf.convert_to_tensor(images)
-    return (
-        tf.data.Dataset.range(len(images))
-        .batch(batch_size)
-        .map(lambda i: tf.cast(tf.gather(pixels, i), tf.float32) / 255.0, AUTOTUNE)
-        .prefetch(AUTOTUNE)
-    )
+    """float32 batches in [0, 1] of `images` (an `Images` or a uint8 array) in
+    order, the last one possibly smaller."""
+    return (as_images(images).batches(batch_size)
+            .map(lambda pixels: tf.cast(pixels, tf.float32) / 255.0, AUTOTUNE)
+            .prefetch(AUTOTUNE))
 
 
 def _resolve(name):
@@ -604,15 +669,10 @@ def _size(image_size):
     return tuple(int(side) for side in image_size)
 
 
-def _resize(image, size):
-    """uint8 image(s) resized (bilinear, antialiased) to `size`, back to uint8."""
-    resized = tf.image.resize(image, size, antialias=True)
-    return tf.saturate_cast(tf.round(resized), tf.uint8)
-
-
-def _resize_array(images, size, chunk=1024):
-    return np.concatenate([_resize(images[i:i + chunk], size).numpy()
-                           for i in range(0, len(images), chunk)])
+def _fit(image, size):
+    """uint8 `image` at `size`, resized only when it differs."""
+    return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size),
+                   lambda: image, lambda: resize(image, size))
 
 
 def _image_files(folder):
@@ -620,43 +680,17 @@ def _image_files(folder):
                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _decode_files(files, size, name):
-    """Decodes `files` in a parallel tf.data map, skipping those that fail.
+def _first_image_shape(files, size, name):
+    """(height, width, channels) of the first of `files` that decodes (height
+    and width from `size` when given), reading no more files than it must."""
+    def probe(path):
+        image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        return tf.shape(image)
 
-    Returns the uint8 images (N', H, W, C) and the positions in `files` of the
-    N' that decoded.
-    """
-
-    def decode(position, path):
-        contents = tf.io.read_file(path)
-        # JPEGs with the accurate integer IDCT, as PIL (and so the shared .npz
-        # copies of CIFAR-10) decodes them; TF's default differs by about 1 level.
-        image = tf.cond(
-            tf.io.is_jpeg(contents),
-            lambda: tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE"),
-            lambda: tf.io.decode_image(contents, channels=3, expand_animations=False))
-        return position, image
-
-    decoded = (tf.data.Dataset.from_tensor_slices((tf.range(len(files)), files))
-               .map(decode, AUTOTUNE)
-               .ignore_errors())
-    first = next(iter(decoded.take(1)), None)
+    shapes = tf.data.Dataset.from_tensor_slices(files).map(probe).ignore_errors()
+    first = next(iter(shapes.take(1)), None)
     if first is None:
         raise DataError(f"{name!r}: none of its {len(files)} image files decodes "
                         f"(first: {files[0]}); expected BMP, GIF, JPEG or PNG images")
-    size = size or tuple(first[1].shape[:2])
-    positions, images = [], []
-    batches = decoded.map(lambda p, image: (p, _resize(image, size)), AUTOTUNE).batch(256)
-    for position, image in batches.as_numpy_iterator():
-        positions.append(position)
-        images.append(image)
-    positions, images = np.concatenate(positions), np.concatenate(images)
-    failed = sorted(set(range(len(files))) - set(positions.tolist()))
-    if failed:
-        logger.warning("%s: skipped %d of %d image files that do not decode: %s%s",
-                       name, len(failed), len(files),
-                       ", ".join(files[i] for i in failed[:3]),
-                       ", ..." if len(failed) > 3 else "")
-    if all(np.array_equal(images[..., 0], images[..., c]) for c in (1, 2)):
-        images = images[..., :1]  # every image is grey
-    return images, positions
+    height, width, channels = first.numpy().tolist()
+    return (*(size or (height, width)), 1 if channels in (1, 2) else 3)

@@ -6,14 +6,14 @@ import math
 import keras
 import numpy as np
 from keras import ops
-from sklearn.model_selection import train_test_split
 
 from simclic_tf.data import eval_dataset
 from simclic_tf.finetune import finetune_accuracy
 
 
 def extract_features(backbone, images, batch_size=256):
-    """Backbone features of uint8 images (N, H, W, C), in inference mode."""
+    """Backbone features (N, D) of uint8 images, an image set or an array
+    (N, H, W, C), a batch at a time, in inference mode."""
     return backbone.predict(eval_dataset(images, batch_size), verbose=0).astype("float32")
 
 
@@ -73,15 +73,19 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
     return float(classifier.evaluate(test_features, np.asarray(test_labels), verbose=0)[1])
 
 
-def labelled_memory(train_set, test_set, seed=0):
+def labelled_memory(train_set, test_set, seed=0, max_memory=None):
     """(memory, queries) for kNN and linear evaluation: the training set and
     the test set, or, when the training images have no labels, a stratified
-    half of the test set each."""
+    half of the test set each; the memory capped at a stratified `max_memory`
+    images when it is given (for very large sets: its features are N x D
+    floats)."""
     if train_set.labels is not None:
-        return train_set, test_set
-    memory, queries = train_test_split(np.arange(len(test_set)), test_size=0.5,
-                                       random_state=seed, stratify=test_set.labels)
-    return test_set.subset(memory), test_set.subset(queries)
+        memory, queries = train_set, test_set
+    else:
+        memory, queries = test_set.stratified_split(0.5, seed)
+    if max_memory is not None and len(memory) > max_memory:
+        memory = memory.sample(max_memory, seed)
+    return memory, queries
 
 
 def evaluate_backbone(backbone, memory, queries, config):
@@ -89,8 +93,8 @@ def evaluate_backbone(backbone, memory, queries, config):
     backbone on the labelled `queries`, with `memory` as the kNN memory and the
     linear classifier's and fine-tuning's training data (see labelled_memory).
     Fine-tuning works on a copy: `backbone` is left unchanged."""
-    memory_features = extract_features(backbone, memory.images)
-    query_features = extract_features(backbone, queries.images)
+    memory_features = extract_features(backbone, memory)
+    query_features = extract_features(backbone, queries)
     num_classes = memory.num_classes
     results = {"knn_accuracy": knn_accuracy(
         memory_features, memory.labels, query_features, queries.labels, num_classes,

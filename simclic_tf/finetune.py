@@ -97,19 +97,19 @@ def finetune_augmentation(image_size, crop_scale=CROP_SCALE, flip=True, seed=Non
     return keras.Sequential(layers, name="finetune_augmentation")
 
 
-def labelled_batches(images, labels, batch_size, augment=None, seed=None):
-    """Shuffled whole batches `(float32 images in [0, 1], labels)`, augmented
-    batch-wise in a parallel map when `augment` is given."""
-    pixels = tf.convert_to_tensor(images)
-    targets = tf.convert_to_tensor(np.asarray(labels, np.int64))
+def labelled_batches(images, batch_size, augment=None, seed=None):
+    """Shuffled whole batches `(float32 images in [0, 1], labels)` of the
+    labelled image set `images`, augmented batch-wise in a parallel map when
+    `augment` is given."""
+    targets = tf.convert_to_tensor(np.asarray(images.labels, np.int64))
 
-    def gather(indices):
-        batch = tf.cast(tf.gather(pixels, indices), tf.float32) / 255.0
+    def make_batch(indices, pixels):
+        batch = tf.cast(pixels, tf.float32) / 255.0
         if augment is not None:
             batch = augment(batch, training=True)
         return batch, tf.gather(targets, indices)
 
-    return shuffled_batches(len(images), batch_size, gather, seed)
+    return shuffled_batches(images, batch_size, make_batch, seed)
 
 
 def finetune(backbone, train_set, epochs, num_classes=None, batch_size=128,
@@ -134,14 +134,15 @@ def finetune(backbone, train_set, epochs, num_classes=None, batch_size=128,
                                                weight_decay),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    augment = finetune_augmentation(train_set.images.shape[1:3], crop_scale, flip, seed)
-    batches = labelled_batches(train_set.images, train_set.labels, batch_size, augment, seed)
+    augment = finetune_augmentation(train_set.image_shape[:2], crop_scale, flip, seed)
+    batches = labelled_batches(train_set, batch_size, augment, seed)
     model.fit(batches, epochs=epochs, verbose=verbose, shuffle=False)
     return model
 
 
 def predict_classes(model, images, batch_size=256):
-    """Argmax predictions of a classifier on uint8 images, in inference mode."""
+    """Argmax predictions of a classifier on uint8 images (an image set or an
+    array), in inference mode."""
     logits = model.predict(eval_dataset(images, batch_size), verbose=0)
     return np.argmax(logits, axis=-1)
 
@@ -151,7 +152,7 @@ def finetune_accuracy(backbone, train_set, test_set, epochs, **kwargs):
     which takes the keyword arguments); `backbone` itself is left unchanged."""
     num_classes = max(train_set.num_classes, int(np.max(test_set.labels)) + 1)
     model = finetune(backbone, train_set, epochs, num_classes=num_classes, **kwargs)
-    return float(np.mean(predict_classes(model, test_set.images) == test_set.labels))
+    return float(np.mean(predict_classes(model, test_set) == test_set.labels))
 
 
 __all__ = ["FineTuner", "copy_model", "finetune", "finetune_accuracy",

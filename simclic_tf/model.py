@@ -68,8 +68,7 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = SimCLICConfig.from_dict(config)
-        # An epoch is N // batch_size whole batches (data.pretrain_dataset).
-        self.config, _ = config.for_budget(int(num_samples) // config.batch_size)
+        self.config, _ = config.for_budget(config.epoch_steps(int(num_samples)))
         config = self.config
         self.image_shape = tuple(image_shape)
         self.num_samples = int(num_samples)

@@ -83,7 +83,14 @@ def markdown(report):
         + (", where --stop-on-collapse ended pretraining"
            if collapsed and config["stop_on_collapse"] else ""),
         f"- data: {report['data']['train_images']} training and {report['data']['test_images']}"
-        f" test images of shape {report['data']['image_shape']}",
+        f" test images of shape {report['data']['image_shape']}, read "
+        + ("from memory" if report["data"].get("storage", "memory") == "memory"
+           else f"from disk ({report['data']['storage']})")
+        + (f"; kNN memory {report['data']['knn_memory_images']} images"
+           + (f" (capped by --knn-bank-size {config['knn_bank_size']})"
+              if config.get("knn_bank_size") and report["data"]["knn_memory_images"]
+              < report["data"]["train_images"] else "")
+           if "knn_memory_images" in report["data"] else ""),
         f"- pretraining wall time {report['train_seconds']:.0f} s",
     ]
     if report.get("derived"):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.hparams import api_pb2, summary as hparams_summary
@@ -96,8 +97,43 @@ def prepare_run_dir(config, resume, given=None):
 def data_summary(train_set, test_set):
     """What a run's history buffer and evaluation depend on in its data."""
     return {"train_images": len(train_set), "test_images": len(test_set),
-            "image_shape": list(train_set.images.shape[1:]),
+            "image_shape": list(train_set.image_shape),
             "num_classes": train_set.num_classes}
+
+
+def describe_data(train_set, test_set, memory):
+    """One line: the sets, where their pixels are read from, the kNN memory."""
+    def described(images):
+        return (f"{len(images)} images {'x'.join(map(str, images.image_shape))} "
+                f"({STORAGE_NAMES[images.storage]}, {byte_size(images.nbytes)} decoded)")
+
+    return (f"Data: training {described(train_set)}; evaluation {described(test_set)}; "
+            f"kNN memory {len(memory)} images")
+
+
+def byte_size(count):
+    """`count` bytes as a person reads them: 90 KiB, 5.2 GiB."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if count >= size:
+            value = count / size
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{count} B"
+
+
+STORAGE_NAMES = {"memory": "in memory", "files": "streamed from image files",
+                 "memmap": "streamed from a memory-mapped .npz",
+                 "stream": "streamed from tensorflow-datasets' files"}
+
+
+def resumed_epoch(run_dir):
+    """The epoch a resumed fit starts at: the one BackupAndRestore wrote in
+    its backup's training_metadata.json (0 when there is none), read before
+    fit so that the data can start there too."""
+    path = os.path.join(run_dir, "backup", "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f)["epoch"])
 
 
 def check_same_data(run_dir, summary):
@@ -158,26 +194,28 @@ def build_model(config, train_set, strategy=None):
     distribute.set_precision(config.precision)
     if config.deterministic:
         make_deterministic()
-    steps_per_epoch = len(train_set) // config.batch_size
+    steps_per_epoch = config.epoch_steps(len(train_set))
     num_classes = train_set.num_classes if train_set.labels is not None else None
     with strategy.scope():
-        model = SimCLIC(config, train_set.images.shape[1:], len(train_set), num_classes)
+        model = SimCLIC(config, train_set.image_shape, len(train_set), num_classes)
         model.compile(optimizer=build_optimizer(config, steps_per_epoch),
                       jit_compile=distribute.jit_compile(config.jit, strategy))
     return model
 
 
-def pretrain_inputs(config, train_set):
-    """(augmentation, pretraining dataset) for this config: SimSiam's
-    augmentation seeded by `config.seed`, and labels in the batches when the
-    online probe needs them."""
-    images = train_set.images
-    augmentation = augment.build_augmentation(images.shape[1:3], images.shape[-1],
+def pretrain_inputs(config, train_set, strategy=None, initial_epoch=0):
+    """(augmentation, pretraining dataset) for this config from `initial_epoch`
+    on, distributed for `strategy` (default: the current one); train on it
+    with fit(steps_per_epoch=config.epoch_steps(len(train_set))). SimSiam's augmentation seeded by
+    `config.seed`, and labels in the batches when the online probe needs them."""
+    shape = train_set.image_shape
+    augmentation = augment.build_augmentation(shape[:2], shape[-1],
                                               crop_scale=(config.crop_min_scale, 1.0),
                                               seed=config.seed)
-    return augmentation, data.pretrain_dataset(
-        images, config.batch_size, config.views, augmentation, seed=config.seed,
-        labels=train_set.labels if config.online_probe else None)
+    return augmentation, data.distribute_pretraining(
+        strategy or tf.distribute.get_strategy(), train_set, config.batch_size, views=config.views, augment=augmentation,
+        seed=config.seed, with_labels=config.online_probe, epochs=config.epochs,
+        initial_epoch=initial_epoch, steps_per_epoch=config.epoch_steps(len(train_set)))
 
 
 def train_logs(run_dir):
@@ -186,9 +224,11 @@ def train_logs(run_dir):
     return os.path.join(run_dir, "logs", "train")
 
 
-def draw_views(train_set, augmentation, run_dir):
-    """Pairs of augmented views, as views.png and a TensorBoard image."""
-    grid = plots.view_pairs(train_set.images, augmentation)
+def draw_views(train_set, augmentation, run_dir, count=8, seed=0):
+    """Pairs of augmented views of `count` images drawn with `seed`, as
+    views.png and a TensorBoard image."""
+    chosen = np.random.default_rng(seed).choice(len(train_set), count, replace=False)
+    grid = plots.view_pairs(train_set.subset(np.sort(chosen)).head(count), augmentation)
     plots.save_image(grid, os.path.join(run_dir, "views.png"))
     with tf.summary.create_file_writer(train_logs(run_dir)).as_default():
         tf.summary.image("augmented_views", grid[None], step=0)
@@ -201,7 +241,7 @@ def draw_results(model, queries, rows, report, run_dir):
                 "views.png", "embeddings of the evaluation images": "embeddings.png"}
     plots.training_curves(rows, os.path.join(run_dir, pictures["training curves"]),
                           report["config"]["proj_dim"], report["random_init"])
-    plots.embedding_map(extract_features(model.backbone, queries.images), queries.labels,
+    plots.embedding_map(extract_features(model.backbone, queries), queries.labels,
                         queries.class_names, os.path.join(run_dir, "embeddings.png"))
     return pictures
 
@@ -284,11 +324,17 @@ def run(config, resume=False, given=None):
         summary = data_summary(train_set, test_set)
         if resume:
             check_same_data(config.run_dir, summary)
-        steps_per_epoch = len(train_set) // config.batch_size
+        steps_per_epoch = config.epoch_steps(len(train_set))
         config, derived = config.for_budget(steps_per_epoch)
-        augmentation, pretrain_data = pretrain_inputs(config, train_set)
+        initial_epoch = resumed_epoch(config.run_dir) if resume else 0
+        augmentation, pretrain_data = pretrain_inputs(config, train_set, strategy,
+                                                      initial_epoch)
         model = build_model(config, train_set, strategy)
-        memory, queries = labelled_memory(train_set, test_set, config.seed)
+        memory, queries = labelled_memory(train_set, test_set, config.seed,
+                                          config.knn_bank_size)
+        summary["storage"] = train_set.storage
+        summary["knn_memory_images"] = len(memory)
+        print(describe_data(train_set, test_set, memory))
 
         save_config(config, derived, steps_per_epoch, summary)
         stop.run_dir = config.run_dir
@@ -305,7 +351,8 @@ def run(config, resume=False, given=None):
         callbacks = pretraining_callbacks(config, collapse, stop, memory, queries, resume)
         start = time.time()
         try:
-            model.fit(pretrain_data, epochs=config.epochs, callbacks=callbacks, shuffle=False)
+            model.fit(pretrain_data, epochs=config.epochs, initial_epoch=initial_epoch,
+                      steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False)
         except Diverged as error:
             report["diverged"] = {"epoch": error.epoch, "step": error.step, "what": error.what}
             log_results(report, config.run_dir)
@@ -330,7 +377,7 @@ def run(config, resume=False, given=None):
         report["pictures"] = draw_results(model, queries, rows, report, config.run_dir)
         if model.probe is not None:
             report["online_probe_accuracy"] = online_probe_accuracy(
-                model, test_set.images, test_set.labels)
+                model, test_set, test_set.labels)
         log_results(report, config.run_dir)  # before the report: a resume redoes both
         write_report(report, config.run_dir)
         shutil.rmtree(os.path.join(config.run_dir, "backup"), ignore_errors=True)

@@ -41,7 +41,8 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert train(TINY + ["--epochs", "2", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["data"] == {"train_images": 1437, "test_images": 360, "image_shape": [8, 8, 1],
-                              "num_classes": 10}
+                              "num_classes": 10, "storage": "memory",
+                              "knn_memory_images": 1437}
     for encoder in ("pretrained", "random_init"):
         # Even a tiny encoder's features classify digits far above chance (0.1).
         assert report[encoder]["knn_accuracy"] > 0.3
@@ -53,6 +54,8 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert report["derived"] == {"pred_lr_scale": derived} and report["steps"] == 44
     assert f"--pred-lr-scale {derived}" in (run_dir / "report.md").read_text()
     console = capsys.readouterr().out.splitlines()
+    assert ("Data: training 1437 images 8x8x1 (in memory, 90 KiB decoded); evaluation 360 "
+            "images 8x8x1 (in memory, 22 KiB decoded); kNN memory 1437 images" in console)
     assert console[-6].startswith("Pretraining ") and "chance is 10.0 %" in console[-6]
     assert console[-2].startswith("| random initialisation |")
     assert console[-1] == f"Report: {run_dir / 'report.md'}"

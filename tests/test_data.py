@@ -339,21 +339,26 @@ def numbered_images(n, side=3):
                            (n, side, side, 1)).copy()
 
 
+def epochs_of(dataset, steps_per_epoch):
+    """The indices of each epoch of a pretraining dataset, a list per epoch."""
+    indices = [batch[1].numpy().tolist() for batch in dataset]
+    return [sum(indices[k:k + steps_per_epoch], [])
+            for k in range(0, len(indices), steps_per_epoch)]
+
+
 def test_pretrain_dataset_views_and_stable_indices():
     images = numbered_images(11)
-    dataset = pretrain_dataset(images, batch_size=4, views=2, augment=tf.identity, seed=0)
-    epochs = []
-    for _ in range(2):
-        seen = []
-        for (view1, view2), indices in dataset:
-            assert view1.dtype == tf.float32 and indices.dtype == tf.int32
-            assert view1.shape == (4, 3, 3, 1)
-            np.testing.assert_allclose(view1.numpy(), images[indices.numpy()] / 255.0)
-            np.testing.assert_array_equal(view1.numpy(), view2.numpy())
-            seen += indices.numpy().tolist()
+    dataset = pretrain_dataset(images, batch_size=4, views=2, augment=tf.identity, seed=0,
+                               epochs=2)
+    for (view1, view2), indices in dataset:
+        assert view1.dtype == tf.float32 and indices.dtype == tf.int32
+        assert view1.shape == (4, 3, 3, 1)
+        np.testing.assert_allclose(view1.numpy(), images[indices.numpy()] / 255.0)
+        np.testing.assert_array_equal(view1.numpy(), view2.numpy())
+    epochs = epochs_of(dataset, 2)
+    for seen in epochs:
         assert len(seen) == 8 and len(set(seen)) == 8 and set(seen) <= set(range(11))
-        epochs.append(seen)
-    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    assert epochs[0] != epochs[1]  # a new permutation every pass
 
 
 def test_pretrain_dataset_covers_every_row_once_per_epoch():
@@ -362,6 +367,42 @@ def test_pretrain_dataset_covers_every_row_once_per_epoch():
     batches = list(dataset)
     assert len(batches) == 3 and all(len(views) == 1 for views, _ in batches)
     assert sorted(np.concatenate([i.numpy() for _, i in batches])) == list(range(12))
+
+
+@pytest.mark.parametrize("steps_per_epoch", [None, 3, 7])
+def test_a_resumed_epoch_draws_what_an_uninterrupted_run_draws(steps_per_epoch):
+    """The order is a function of (seed, pass): the dataset of a run resumed at
+    epoch 2 holds exactly the batches epochs 2 on hold in the whole run's,
+    also when epochs cut passes (N // B = 5 steps a pass) anywhere."""
+    images = numbered_images(43)
+    def run(initial_epoch):
+        return [i.numpy().tolist() for _, i in pretrain_dataset(
+            images, 8, 1, tf.identity, seed=3, epochs=5, initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch)]
+    whole, resumed = run(0), run(2)
+    steps = steps_per_epoch or 5
+    assert len(whole) == 5 * steps and resumed == whole[2 * steps:]
+    passes = [sum(whole[k:k + 5], []) for k in range(0, len(whole), 5)]
+    assert all(len(set(p)) == len(p) for p in passes)  # each index at most once a pass
+    assert all(len(p) == 40 for p in passes[:-1] if steps_per_epoch != 7)
+
+
+def test_replicas_and_workers_read_their_slices_of_the_global_batch():
+    """Four replicas on two input pipelines (workers): each pipeline yields its
+    two replicas' quarters of every global batch, in replica order, and
+    together they are the single-device batches."""
+    images = numbered_images(40)
+    single = [i.numpy() for _, i in pretrain_dataset(images, 8, 1, tf.identity, epochs=2)]
+    shares = []
+    for pipeline in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline,
+                                             num_replicas_in_sync=4)
+        shares.append([i.numpy() for _, i in pretrain_dataset(
+            images, 8, 1, tf.identity, epochs=2, input_context=context)])
+    assert all(len(share) == 2 * len(single) for share in shares)
+    for step, batch in enumerate(single):
+        quarters = [shares[pipeline][2 * step + local] for pipeline in (0, 1) for local in (0, 1)]
+        np.testing.assert_array_equal(np.concatenate(quarters), batch)
 
 
 def test_pretrain_dataset_views_are_independent_augmentations():
@@ -397,19 +438,18 @@ def test_a_tf_data_dataset_of_images_feeds_pretraining_with_stable_indices():
     stream = images_as_stream(images)
     assert data_module.dataset_size(stream) == 300
     batches = pretrain_dataset(stream, 64, 2, augment=lambda batch: batch, seed=0,
-                               shuffle_buffer=100)
-    orders = []
-    for _ in range(2):
-        epoch = []
-        for (first, second), indices in batches:
-            indices = indices.numpy()
-            # Each index names its own image: what the history bank relies on.
-            np.testing.assert_array_equal(first.numpy(), images[indices] / np.float32(255))
-            np.testing.assert_array_equal(first.numpy(), second.numpy())
-            epoch.extend(indices)
-        assert len(epoch) == len(set(epoch)) == 4 * 64  # whole batches, each index once
-        orders.append(epoch)
-    assert orders[0] != orders[1]  # reshuffled every epoch
+                               shuffle_buffer=100, epochs=3)
+    for (first, second), indices in batches:
+        indices = indices.numpy()
+        # Each index names its own image: what the history bank relies on.
+        np.testing.assert_array_equal(first.numpy(), images[indices] / np.float32(255))
+        np.testing.assert_array_equal(first.numpy(), second.numpy())
+    orders = epochs_of(batches, 4)
+    assert all(len(epoch) == len(set(epoch)) == 4 * 64 for epoch in orders)  # each once
+    assert orders[0] != orders[1]  # reshuffled every pass
+    resumed = pretrain_dataset(stream, 64, 2, augment=lambda batch: batch, seed=0,
+                               shuffle_buffer=100, epochs=3, initial_epoch=1)
+    assert epochs_of(resumed, 4) == orders[1:]
 
 
 def test_a_tf_data_dataset_must_be_finite_single_images():

@@ -14,9 +14,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from simclic_tf.commands import train
-from simclic_tf import SimCLICConfig
+from simclic_tf import SimCLIC, SimCLICConfig
 from simclic_tf import run as run_module
 from simclic_tf.callbacks import ResumableCSVLogger
 
@@ -183,6 +184,47 @@ def test_resume_of_an_unreadable_saved_config_names_it(tmp_path, capsys):
     (tmp_path / "run" / "config.json").write_text('{"epochs": 2')
     code, message = refused(["--run-dir", str(tmp_path / "run"), "--resume"], capsys)
     assert code == 2 and f"--resume {tmp_path / 'run' / 'config.json'}: cannot read" in message
+
+
+def recorded_steps(monkeypatch):
+    """The indices of every batch SimCLIC trains on, appended as it trains."""
+    steps = []
+    train_step = SimCLIC.train_step
+
+    def recording(self, data):
+        record = tf.py_function(lambda indices: steps.append(indices.numpy().tolist()),
+                                [data[1]], [])
+        with tf.control_dependencies([record]):
+            return train_step(self, data)
+
+    monkeypatch.setattr(SimCLIC, "train_step", recording)
+    return steps
+
+
+def test_a_resumed_run_trains_on_the_batches_an_uninterrupted_run_does(tmp_path, monkeypatch):
+    """Killed at the start of epoch 3 of 4 and resumed, a run trains on the
+    batches (indices, in order) that the same run uninterrupted trains on in
+    epochs 3 and 4, each epoch a permutation of its own."""
+    steps = recorded_steps(monkeypatch)
+    argv = TINY + ["--epochs", "4", "--no-jit"]
+    assert train(argv + ["--run-dir", str(tmp_path / "whole")]) == 0
+    whole, per_epoch = list(steps), 1437 // 64
+    epochs = [sum(whole[k:k + per_epoch], []) for k in range(0, len(whole), per_epoch)]
+    assert len(epochs) == 4 and all(len(set(epoch)) == per_epoch * 64 for epoch in epochs)
+    assert epochs[2] != epochs[0]
+
+    def kill_at_epoch_3(self, epoch, logs=None):
+        if epoch == 2:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module.CollapseMonitor, "on_epoch_begin", kill_at_epoch_3,
+                      raising=False)
+        with pytest.raises(Killed):
+            train(argv + ["--run-dir", str(tmp_path / "killed")])
+    steps.clear()
+    assert train(argv + ["--run-dir", str(tmp_path / "killed"), "--resume"]) == 0
+    assert steps == whole[2 * per_epoch:]
 
 
 def test_a_resumed_csv_log_never_holds_an_epoch_twice(tmp_path):

@@ -227,5 +227,6 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
         monitor = ValidationMonitor(self.train_set, self.validation, config,
                                     linear=self.objective == "linear")
         model.fit(pretrain, epochs=config.epochs, shuffle=False, verbose=self.verbose,
+                  steps_per_epoch=config.epoch_steps(len(self.train_set)),
                   callbacks=[monitor, CollapseMonitor(config.proj_dim), *callbacks])
         return dict(monitor.final)
