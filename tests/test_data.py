@@ -464,3 +464,88 @@ def test_a_tf_data_dataset_must_be_finite_single_images():
         pretrain_dataset(images_as_stream(images).batch(4), 32, 2, augment=lambda b: b)
     with pytest.raises(DataError, match="--batch-size 200 is larger than the dataset"):
         pretrain_dataset(images_as_stream(images), 200, 2, augment=lambda b: b)
+
+
+# streamed storage
+
+
+def pixels_of(images):
+    return np.concatenate(list(images.batches(7).as_numpy_iterator()))
+
+
+def test_a_streamed_folder_reads_the_pixels_the_decoded_one_holds(cifar_dir):
+    memory = load_images(f"dir:{cifar_dir}", storage="memory")
+    streamed = load_images(f"dir:{cifar_dir}", storage="stream")
+    assert (streamed.storage, memory.storage) == ("files", "memory")
+    assert streamed.image_shape == (32, 32, 3) and streamed.nbytes == memory.images.nbytes
+    np.testing.assert_array_equal(pixels_of(streamed), memory.images)
+    np.testing.assert_array_equal(streamed.labels, memory.labels)
+    small = load_images(f"dir:{cifar_dir}", image_size=16, storage="stream")
+    np.testing.assert_array_equal(
+        pixels_of(small), load_images(f"dir:{cifar_dir}", image_size=16).images)
+    # A subset and a held-out split keep index i at image i.
+    rest, held_out = streamed.stratified_split(0.25, seed=0)
+    rest_memory, held_memory = memory.stratified_split(0.25, seed=0)
+    np.testing.assert_array_equal(pixels_of(held_out), held_memory.images)
+    np.testing.assert_array_equal(rest.labels, rest_memory.labels)
+
+
+def test_an_uncompressed_npz_is_memory_mapped_and_a_compressed_one_read(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)
+    labels = np.arange(50) % 5
+    np.savez(tmp_path / "plain.npz", x=images, y=labels)
+    np.savez_compressed(tmp_path / "packed.npz", x=images, y=labels)
+    mapped = load_images(f"npz:{tmp_path / 'plain.npz'}", storage="stream")
+    assert mapped.storage == "memmap" and isinstance(mapped.array, np.memmap)
+    np.testing.assert_array_equal(pixels_of(mapped), images)
+    np.testing.assert_array_equal(pixels_of(mapped.subset([3, 1, 40])), images[[3, 1, 40]])
+    np.testing.assert_array_equal(
+        pixels_of(load_images(f"npz:{tmp_path / 'plain.npz'}", image_size=4, storage="stream")),
+        load_images(f"npz:{tmp_path / 'plain.npz'}", image_size=4).images)
+    packed = load_images(f"npz:{tmp_path / 'packed.npz'}", storage="stream")
+    assert packed.storage == "memory"  # nothing to map: decompressed into memory
+    np.testing.assert_array_equal(packed.images, images)
+
+
+def test_auto_storage_goes_by_the_decoded_size(tmp_path, monkeypatch):
+    np.savez(tmp_path / "set.npz", x=np.zeros((40, 8, 8, 3), np.uint8))
+    name = f"npz:{tmp_path / 'set.npz'}"
+    assert load_images(name).storage == "memory"
+    monkeypatch.setattr(data_module, "MEMORY_LIMIT", 40 * 8 * 8 * 3 - 1)
+    assert load_images(name).storage == "memmap"
+    assert load_images(name, storage="memory").storage == "memory"
+    with pytest.raises(DataError, match="--data-storage 'disk' is not accepted"):
+        load_images(name, storage="disk")
+
+
+def test_tfds_streams_from_its_prepared_files(tmp_path, mock_tfds):
+    with mock_tfds(num_examples=12):
+        memory = load_images("cifar10", "train", data_dir=str(tmp_path), storage="memory")
+        streamed = load_images("cifar10", "train", data_dir=str(tmp_path), storage="stream")
+        assert streamed.storage == "stream" and not streamed.random_access
+        np.testing.assert_array_equal(pixels_of(streamed), memory.images)
+        np.testing.assert_array_equal(streamed.labels, memory.labels)
+        part = streamed.subset([2, 5, 11])
+        np.testing.assert_array_equal(pixels_of(part), memory.images[[2, 5, 11]])
+        batches = pretrain_dataset(streamed, 4, 1, tf.identity, epochs=2, shuffle_buffer=5)
+        for (view,), indices in batches:
+            np.testing.assert_array_equal(view.numpy() * 255, memory.images[indices.numpy()])
+        assert all(sorted(epoch) == list(range(12)) for epoch in epochs_of(batches, 3))
+
+
+def test_streamed_pretraining_visits_each_index_at_most_once_a_pass(cifar_dir):
+    streamed = load_images(f"dir:{cifar_dir}", storage="stream")
+    batches = pretrain_dataset(streamed, 16, 2, tf.identity, seed=1, epochs=2)
+    memory = load_images(f"dir:{cifar_dir}")
+    for (view, _), indices in batches:
+        np.testing.assert_array_equal(np.round(view.numpy() * 255), memory.images[indices.numpy()])
+    assert all(len(set(epoch)) == len(epoch) == 48 for epoch in epochs_of(batches, 3))
+
+
+def test_the_knn_memory_is_capped_to_a_stratified_sample():
+    from simclic_tf.evaluation import labelled_memory
+    train, test = load_train_and_eval(SimCLICConfig(dataset="digits"))
+    memory, queries = labelled_memory(train, test, seed=0, max_memory=100)
+    assert len(memory) == 100 and queries is test
+    assert np.bincount(memory.labels).min() >= 9  # ten classes, about ten each
+    assert set(map(bytes, memory.images)) <= set(map(bytes, train.images))
