@@ -401,24 +401,30 @@ def to_memory(images, name):
     out, with one warning line that counts them and names the first few."""
     if isinstance(images, ImageSet):
         return images
+    # Filled in place: one decoded copy, not a list of batches and their concatenation.
+    pixels = np.empty((len(images), *images.image_shape), np.uint8)
     if not images.random_access:
-        pixels = np.concatenate(list(images.batches(1024).as_numpy_iterator()))
+        start = 0
+        for batch in images.batches(1024).as_numpy_iterator():
+            pixels[start:start + len(batch)] = batch
+            start += len(batch)
         return ImageSet(pixels, images.labels, images.class_names)
-    positions, pixels = [], []
+    decoded = np.zeros(len(images), bool)
     everything = tf.data.Dataset.range(len(images)).batch(1024)
     for indices, batch in images.read(everything, 1024).as_numpy_iterator():
-        positions.append(indices)
-        pixels.append(batch)
-    positions = np.concatenate(positions)
-    failed = sorted(set(range(len(images))) - set(positions.tolist()))
-    if failed:
+        pixels[indices] = batch
+        decoded[indices] = True
+    positions = np.flatnonzero(decoded)
+    failed = np.flatnonzero(~decoded)
+    if len(failed):
+        pixels = pixels[positions]
         paths = getattr(images, "paths", None)
         named = "" if paths is None else ": " + ", ".join(paths[i] for i in failed[:3]) + (
             ", ..." if len(failed) > 3 else "")
         logger.warning("%s: skipped %d of %d image files that do not decode%s",
                        name, len(failed), len(images), named)
     labels = None if images.labels is None else images.labels[positions]
-    return ImageSet(np.concatenate(pixels), labels, images.class_names)
+    return ImageSet(pixels, labels, images.class_names)
 
 
 def load_train_and_eval(config):

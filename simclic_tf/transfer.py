@@ -149,15 +149,16 @@ def _tfds_problem(name, data_dir):
 
 def load_split(name, image_shape, data_dir=None, test_fraction=0.2, seed=0):
     """(train, test, how the test set was formed) of dataset `name`, resized and
-    converted to `image_shape` (height, width, channels)."""
+    converted to `image_shape` (height, width, channels), in memory (the
+    transfer sets are small; their channels are converted as arrays)."""
     source, argument = data._resolve(name)
     size = tuple(image_shape[:2])
-    train = data.load_images(name, "train", data_dir, size)
+    train = data.load_images(name, "train", data_dir, size, storage="memory")
     if train.labels is None:
         raise DataError(f"{DATASETS_FLAG} {name!r} has no labels; transfer needs them")
     split = source.test_split(argument, data_dir)
     if split:
-        test = data.load_images(name, split, data_dir, size)
+        test = data.load_images(name, split, data_dir, size, storage="memory")
         how = f"its {split} split"
     else:
         config = SimCLICConfig(dataset=name, test_fraction=test_fraction, seed=seed)

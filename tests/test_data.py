@@ -549,3 +549,33 @@ def test_the_knn_memory_is_capped_to_a_stratified_sample():
     assert len(memory) == 100 and queries is test
     assert np.bincount(memory.labels).min() >= 9  # ten classes, about ten each
     assert set(map(bytes, memory.images)) <= set(map(bytes, train.images))
+
+
+# across workers
+
+
+def test_two_workers_each_read_their_half_and_together_the_whole_set(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers on loopback, two epochs of
+    `simclic train`'s input on digits (44 global batches of 32 a pass): at
+    every step each worker trains on its own half of the global batch a
+    single device trains on, the halves disjoint; each epoch the two
+    together visit 1,408 distinct images, and the history banks' visit counts
+    (every write of the global batch) equal the single device's."""
+    from test_distribute import check, run_helper, run_two_workers
+
+    script = Path(__file__).parent / "multi_worker_input.py"
+    outs = [tmp_path / f"worker{i}.npz" for i in range(2)]
+    run_two_workers(lambda i: [script, outs[i], "--epochs", "2"])
+    check(run_helper("multi_worker_input.py", [tmp_path / "single.npz", "--epochs", "2"]))
+    workers = [np.load(out) for out in outs]
+    single = np.load(tmp_path / "single.npz")
+    assert int(workers[0]["replicas"]) == 2 and single["trained"].shape == (88, 32)
+    halves = [worker["trained"] for worker in workers]
+    assert halves[0].shape == halves[1].shape == (88, 16)
+    np.testing.assert_array_equal(np.concatenate(halves, axis=1), single["trained"])
+    for epoch in range(2):
+        seen = np.concatenate([half[44 * epoch:44 * (epoch + 1)] for half in halves], axis=None)
+        assert len(np.unique(seen)) == len(seen) == 44 * 32
+    for worker in workers:
+        np.testing.assert_array_equal(worker["visits"], single["visits"])
+    assert single["visits"].sum() == 88 * 32 and single["visits"].max() <= 2
