@@ -576,9 +576,8 @@ def as_images(images):
         if not isinstance(spec, tf.TensorSpec) or spec.shape.rank != 3:
             raise DataError(f"a tf.data.Dataset of images yields single images (H, W, C); "
                             f"this one yields {spec}")
-        stream = ImageStream(lambda: images, dataset_size(images), None, [], spec.shape)
-        stream.dtype = spec.dtype
-        return stream
+        return ImageStream(lambda: images, dataset_size(images), None, [], spec.shape,
+                           spec.dtype)
     return ImageSet(np.asarray(images), None, [])
 
 

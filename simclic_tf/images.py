@@ -218,14 +218,17 @@ class MappedArray(Images):
 
 class ImageStream(Images):
     """Images that can only be read front to back: `make_dataset()` gives
-    them, uint8 (H, W, C), in the same order every time; the i-th is index i."""
+    them, (H, W, C) of `dtype` (uint8, or floats in [0, 1]), in the same order
+    every time; the i-th is index i."""
 
     storage = "stream"
     random_access = False
 
-    def __init__(self, make_dataset, count, labels, class_names, image_shape):
+    def __init__(self, make_dataset, count, labels, class_names, image_shape,
+                 dtype=tf.uint8):
         super().__init__(labels, class_names)
         self.image_shape = tuple(image_shape)
+        self.dtype = dtype
         self.make_dataset = make_dataset
         self.count = int(count)
         self.positions = None  # All of them; else the sorted ones kept.
