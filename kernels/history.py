@@ -82,12 +82,13 @@ Design notes
 * The C++ custom op (`kernels/custom_op.py`: gather, average duplicates, mix,
   scatter in one kernel) has this same Python signature and writes the same
   bits; `kernels.select(kernel_impl)` picks between the two.
-* A bank sharded across R replicas (each owning N / R rows) will reuse this
-  function unchanged on each shard with local indices: after the all-gather of
-  `(i, z)` each replica keeps the positions it owns, maps `i -> i - offset`
-  (or `i // R` for a strided layout) and calls `history_exchange` on its shard;
-  the old rows are then all-gathered back. Because duplicates write their mean,
-  the result does not depend on the gather order.
+* A bank sharded across R replicas (`simclic_tf.distribute.sharded_exchange`)
+  reuses this function unchanged on each shard with local indices: after the
+  all-gather of `(i, z)` replica r maps the positions it owns (`i % R == r`)
+  to `i // R` and every other one to a scratch row, calls `history_exchange`
+  on its shard, and the old rows of the owned positions are summed across
+  replicas. Because duplicates write their mean, the result does not depend
+  on the gather order.
 """
 
 import keras

@@ -129,6 +129,12 @@ class SimCLICConfig:
     bank_dtype: str = knob(
         "float32", "storage dtype of the history buffer", choices=("float32", "bfloat16")
     )
+    bank_layout: str = knob(
+        "auto", "how the replicas hold the history buffer: replicated (every replica holds "
+        "all N rows, one collective per step), sharded (each replica holds about N/R rows, "
+        "one more collective per step), or auto (sharded when there are several replicas "
+        "and the replicated buffer would take more than 1 GiB per replica, else replicated)",
+        choices=("auto", "replicated", "sharded"))
     kernel_impl: str = knob(
         "auto", "history and noise kernels: the C++ custom ops (custom_op, compiled on "
         "first use), the TensorFlow functions (tf), or auto (the custom ops where they "

@@ -6,12 +6,16 @@ tuple of the views' representations and returns one perturbed tensor per
 view; `strength` is the single knob the tuner searches.
 """
 
+import logging
+
 import keras
 from keras import ops
 
 from simclic_tf import kernels
 from simclic_tf import distribute
 from simclic_tf.registry import PERTURBATIONS
+
+logger = logging.getLogger(__name__)
 
 
 class Perturbation(keras.layers.Layer):
@@ -109,6 +113,13 @@ class HistoryPerturbation(Perturbation):
     training, each call reads the rows of the batch and writes the mean of
     the views' z in the same O(batch x dim) exchange; rows never written yet
     fall back to z.
+
+    `bank_layout` says how the strategy the layer is built under holds them
+    (simclic_tf/distribute.py): "replicated", a full copy on every replica;
+    "sharded", about num_samples / R rows on each of R replicas; "auto",
+    sharded when a full copy would take more than 1 GiB per replica. Saved
+    files hold the logical buffer whatever the layout (`bank_rows`), so they
+    load on any number of replicas.
     """
 
     default_strength = 1.0
@@ -118,22 +129,30 @@ class HistoryPerturbation(Perturbation):
     rampable = True
 
     def __init__(self, num_samples, dim, strength=None, momentum=0.0,
-                 bank_dtype="float32", seed=None, **kwargs):
+                 bank_dtype="float32", bank_layout="auto", seed=None, **kwargs):
         super().__init__(strength, seed, **kwargs)
         self.num_samples = int(num_samples)
         self.dim = int(dim)
         self.momentum = float(momentum)
         self.bank_dtype = bank_dtype
-        # Replicated under tf.distribute: ON_READ / ONLY_FIRST_REPLICA, so each
-        # replica updates its own copy in place (simclic_tf/distribute.py);
+        self.bank_layout = bank_layout
+        self.shards = distribute.bank_shards(bank_layout, self.num_samples, self.dim,
+                                             bank_dtype)
+        rows = distribute.shard_rows(self.num_samples, self.shards)
+        logger.info("history bank: %s, %d rows x %d %s per replica (%.1f MiB with the "
+                    "visit counts)", "replicated" if self.shards == 1 else
+                    f"sharded over {self.shards} replicas", rows, self.dim, bank_dtype,
+                    distribute.bank_bytes(rows, self.dim, bank_dtype) / 2**20)
+        # Under tf.distribute: ON_READ / ONLY_FIRST_REPLICA, so each replica
+        # updates its own copy (or shard) in place (simclic_tf/distribute.py);
         # autocast off, so a mixed-precision policy never reads it as float16.
         with keras.name_scope(self.name, caller=self):
             self.bank = keras.Variable(
-                initializer="zeros", shape=(self.num_samples, self.dim), dtype=bank_dtype,
+                initializer="zeros", shape=(rows, self.dim), dtype=bank_dtype,
                 trainable=False, autocast=False, name="bank",
                 **distribute.REPLICATED_VARIABLE)
             self.visits = keras.Variable(
-                initializer="zeros", shape=(self.num_samples,), dtype="int32",
+                initializer="zeros", shape=(rows,), dtype="int32",
                 trainable=False, autocast=False, name="visits",
                 **distribute.REPLICATED_VARIABLE)
             # The mix a in use: `strength`, unless `StrengthRamp` moves it.
@@ -144,20 +163,70 @@ class HistoryPerturbation(Perturbation):
     def from_run_config(cls, config, num_samples):
         return cls(num_samples, config.proj_dim, strength=config.strength,
                    momentum=config.history_momentum, bank_dtype=config.bank_dtype,
-                   seed=config.seed, kernel_impl=config.kernel_impl)
+                   bank_layout=config.bank_layout, seed=config.seed,
+                   kernel_impl=config.kernel_impl)
 
     def call(self, zs, indices, training=False):
         indices = ops.cast(indices, "int32")
         if training:
             new_rows = ops.stop_gradient(sum(ops.cast(z, "float32") for z in zs) / len(zs))
-            # Under tf.distribute: all-gather (i, z), the same writes on every copy.
-            old_rows, seen = distribute.replicated_exchange(
-                self.kernels.history_exchange, self.bank, self.visits, indices, new_rows,
-                self.momentum)
-        else:
+            # Under tf.distribute: all-gather (i, z), then the same writes on
+            # every copy, or each shard's writes on its shard.
+            arguments = (self.kernels.history_exchange, self.bank, self.visits, indices,
+                         new_rows, self.momentum)
+            if self.shards == 1:
+                old_rows, seen = distribute.replicated_exchange(*arguments)
+            else:
+                old_rows, seen = distribute.sharded_exchange(*arguments, self.num_samples)
+        elif self.shards == 1:
             old_rows = ops.cast(ops.take(self.bank, indices, axis=0), "float32")
             seen = ops.take(self.visits, indices, axis=0) > 0
+        else:
+            old_rows, seen = distribute.sharded_read(self.bank, self.visits, indices,
+                                                     self.num_samples)
         return tuple(self._mix(old_rows, seen, z) for z in zs)
+
+    def bank_rows(self):
+        """The history buffer as numpy (num_samples, dim), in either layout
+        (sharded under MultiWorkerMirroredStrategy: a collective, which every
+        worker must call)."""
+        return self._logical(self.bank)
+
+    def visit_counts(self):
+        """The visit counts as numpy (num_samples,), as `bank_rows`."""
+        return self._logical(self.visits)
+
+    def _logical(self, variable):
+        if self.shards == 1:
+            return ops.convert_to_numpy(variable)
+        return distribute.gather_shards(variable, self.num_samples)
+
+    def save_own_variables(self, store):
+        """Keras's, with the logical buffer and visit counts in either layout."""
+        logical = {id(self.bank): self.bank_rows(), id(self.visits): self.visit_counts()}
+        for key, variable in self._variables_by_key().items():
+            store[key] = logical.get(id(variable), variable)
+
+    def load_own_variables(self, store):
+        """Keras's; sharded, each replica's copy takes its rows of the logical
+        buffer and visit counts."""
+        if self.shards == 1:
+            return super().load_own_variables(store)
+        variables = self._variables_by_key()
+        if len(store.keys()) != len(variables):
+            raise ValueError(f"Layer '{self.name}' expected {len(variables)} variables, but "
+                             f"received {len(store.keys())} variables during loading")
+        for key, variable in variables.items():
+            if variable is self.bank or variable is self.visits:
+                distribute.assign_shards(variable, store[key])
+            else:
+                variable.assign(store[key])
+
+    def _variables_by_key(self):
+        """{store key: variable}, numbered as Keras's Layer.save_own_variables does."""
+        variables = {}
+        super().save_own_variables(variables)
+        return variables
 
     def _mix(self, old_rows, seen, z):
         a = ops.convert_to_tensor(self.mix)
@@ -167,7 +236,8 @@ class HistoryPerturbation(Perturbation):
 
     def get_config(self):
         return {**super().get_config(), "num_samples": self.num_samples, "dim": self.dim,
-                "momentum": self.momentum, "bank_dtype": self.bank_dtype}
+                "momentum": self.momentum, "bank_dtype": self.bank_dtype,
+                "bank_layout": self.bank_layout}
 
 
 class HistoryThen(HistoryPerturbation):

@@ -53,7 +53,7 @@ def main():
     model = build_model(config, train_set, strategy)
     model.fit(pretrain, epochs=config.epochs, steps_per_epoch=config.epoch_steps(len(train_set)),
               verbose=0)
-    np.savez(args.out, trained=np.stack(trained), visits=model.perturbation.visits.numpy(),
+    np.savez(args.out, trained=np.stack(trained), visits=model.perturbation.visit_counts(),
              replicas=strategy.num_replicas_in_sync)
     return 0
 

@@ -63,6 +63,38 @@ def test_two_replicas_train_as_one_device(tmp_path, precision, tolerance):
     assert (first == second).all() and np.abs(first).sum() > 0
 
 
+def test_a_sharded_history_bank_trains_as_one_device(tmp_path):
+    """--bank-layout sharded on two replicas, the same two steps as above:
+    each replica holds ceil(N / 2) + 1 rows (the last a scratch row), replica
+    r the rows i with i % 2 == r at i // 2; interleaved back, the shards are
+    the single-device buffer, visits included, and the losses match, those
+    of an evaluation pass (which reads the rows from every shard) too. A
+    `.keras` file holds the logical buffer: the mirrored model's loads on one
+    device, the single-device model's loads sharded."""
+    out = tmp_path / "step.json"
+    check(run_helper("distributed_step.py", [out, "--bank-layout", "sharded"]))
+    result = json.loads(out.read_text())
+    single, mirrored = result["single"], result["mirrored"]
+    for a, b in zip(single["logs"], mirrored["logs"]):
+        np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-4)
+    # Evaluation reads the trained rows (the target is mostly the old row).
+    np.testing.assert_allclose(single["eval_loss"], mirrored["eval_loss"], atol=1e-4)
+    bank = np.array(single["bank"])
+    rows, dim = bank.shape[0] // 2 + 1, bank.shape[1]
+    shards = [np.array(shard) for shard in mirrored["replica_banks"]]
+    assert [shard.shape for shard in shards] == [(rows, dim)] * 2 == [(mirrored["rows"], dim)] * 2
+    interleaved = np.stack([shard[:-1] for shard in shards], axis=1).reshape(-1, dim)
+    np.testing.assert_array_equal(np.array(mirrored["bank"]), interleaved)
+    np.testing.assert_allclose(interleaved, bank, atol=1e-4)
+    assert mirrored["visits"] == single["visits"]
+    assert np.abs(bank).sum() > 0 and single["rows"] == len(bank)
+    on_one_device, on_mirrored = result["mirrored_on_one_device"], result["single_on_mirrored"]
+    assert (on_one_device["rows"], on_mirrored["rows"]) == (len(bank), rows)
+    np.testing.assert_array_equal(np.array(on_one_device["bank"]), interleaved)
+    np.testing.assert_array_equal(np.array(on_mirrored["bank"]), bank)
+    assert on_one_device["visits"] == on_mirrored["visits"] == single["visits"]
+
+
 def test_a_run_resumes_under_a_mirrored_strategy(tmp_path):
     run_dir = tmp_path / "run"
     argv = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4",
@@ -212,6 +244,40 @@ def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
     print(f"\n6 steps on digits, batch 32: two workers {two_workers:.1f} s "
           f"(training {float(first['seconds']):.1f} s), one worker {one_worker:.1f} s "
           f"(training {float(np.load(tmp_path / 'single.npz')['seconds']):.1f} s)")
+
+
+def test_two_workers_on_loopback_train_a_sharded_bank_as_one_device(tmp_path):
+    """--bank-layout sharded on two MultiWorkerMirroredStrategy processes on
+    127.0.0.1 and on one device, the same four precomputed global batches
+    (split by halves across the workers, an index on both halves): each
+    worker holds ceil(N / 2) + 1 rows (N odd here), worker r the rows
+    r, r + 2, ...; the logical buffer both assemble (a collective) is the
+    single device's, visits included, and so are the losses; each worker's
+    `.keras` file (saving assembles the shards too) loads on one device."""
+    script = os.path.join(HERE, "multi_worker.py")
+    flags = ["--steps", "4", "--fixed-batches", "--bank-layout", "sharded"]
+    outs = [tmp_path / f"worker{i}.npz" for i in range(2)]
+    run_two_workers(lambda i: [script, outs[i], *flags])
+    check(run_helper("multi_worker.py", [tmp_path / "single.npz", *flags], timeout=240))
+    first, second, single = (np.load(out) for out in (*outs, tmp_path / "single.npz"))
+    assert (int(first["replicas"]), int(single["replicas"])) == (2, 1)
+    bank = single["bank"]
+    assert single["shard"].shape == bank.shape and len(bank) % 2 == 1
+    assert first["shard"].shape == second["shard"].shape == (len(bank) // 2 + 2, bank.shape[1])
+    for worker in (first, second):
+        np.testing.assert_array_equal(worker["visits"], single["visits"])
+        np.testing.assert_array_equal(worker["bank"], first["bank"])
+    np.testing.assert_array_equal(first["shard"][:-1], first["bank"][0::2])
+    np.testing.assert_array_equal(second["shard"][:-2], first["bank"][1::2])
+    np.testing.assert_allclose(first["bank"], bank, atol=1e-4)
+    assert np.abs(bank).sum() > 0 and single["visits"].sum() > 0
+    np.testing.assert_allclose(first["losses"], single["losses"], atol=1e-4)
+    assert len(single["losses"]) == 4
+    # Each worker's model.keras holds the logical buffer, which loads on one device.
+    loaded = keras.models.load_model(tmp_path / "worker1.keras", safe_mode=True).perturbation
+    assert loaded.bank.shape == bank.shape
+    np.testing.assert_array_equal(loaded.bank_rows(), first["bank"])
+    np.testing.assert_array_equal(loaded.visit_counts(), single["visits"])
 
 
 def test_train_py_on_two_workers_writes_one_run_directory(tmp_path):

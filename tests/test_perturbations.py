@@ -112,6 +112,21 @@ def test_history_momentum_and_read_only_inference():
     np.testing.assert_allclose(ops.convert_to_numpy(target), normalize(before[indices]), rtol=1e-5)
 
 
+def test_a_sharded_history_bank_on_one_device_is_the_replicated_one():
+    """One replica holds every row whatever --bank-layout says (two replicas:
+    tests/test_distribute.py); the layout is saved with the layer."""
+    layer = HistoryPerturbation.from_run_config(
+        SimCLICConfig(proj_dim=8, bank_layout="sharded"), num_samples=10)
+    assert layer.bank.shape == (10, 8) and layer.visits.shape == (10,)
+    assert layer.get_config()["bank_layout"] == "sharded"
+    z = np.random.default_rng(7).normal(size=(3, 8)).astype("float32")
+    layer((z,), np.array([1, 4, 1]), training=True)
+    np.testing.assert_array_equal(layer.bank_rows(), ops.convert_to_numpy(layer.bank))
+    np.testing.assert_array_equal(layer.visit_counts(), np.isin(np.arange(10), [1, 4]))
+    with pytest.raises(ConfigError, match="--bank-layout 'striped'.*replicated, sharded"):
+        HistoryPerturbation(10, 8, bank_layout="striped")
+
+
 def test_history_then_dropout_drops_from_the_history_target():
     layer, plain = HistoryThenDropout(10, 4, seed=2), history()
     rng = np.random.default_rng(4)
