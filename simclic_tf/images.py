@@ -85,11 +85,15 @@ class Images:
         return self.batches(256).unbatch()
 
     def batches(self, batch_size):
-        """uint8 batches of the images in index order, the last one possibly smaller."""
-        if not self.random_access:
-            return self.stream().batch(batch_size)
-        indices = tf.data.Dataset.range(len(self)).batch(batch_size)
-        return self.read(indices, batch_size).map(lambda indices, pixels: pixels)
+        """uint8 batches of the images in index order, the last one possibly
+        smaller; an error at the end when fewer than N came (a file that did
+        not decode), never features that miss their labels."""
+        if self.random_access:
+            indices = tf.data.Dataset.range(len(self)).batch(batch_size)
+            images = self.read(indices, batch_size).map(lambda indices, pixels: pixels).unbatch()
+        else:
+            images = self.stream()
+        return images.apply(tf.data.experimental.assert_cardinality(len(self))).batch(batch_size)
 
     def head(self, count):
         """The first `count` images, as a uint8 array."""
@@ -138,8 +142,10 @@ class ImageFiles(Images):
     """Image files decoded when read: BMP, GIF, JPEG or PNG, as RGB (C = 3) or
     grey (C = 1), resized to (height, width) when they differ.
 
-    A file that does not decode is skipped (`ignore_errors`): its index is not
-    visited, and a batch that held it is one image short."""
+    A file that does not decode is skipped (`ignore_errors`): in pretraining
+    its index is not visited and a batch that held it is one image short;
+    `batches` (evaluation, whose features must match the labels) then ends
+    with an error."""
 
     storage = "files"
 

@@ -490,6 +490,20 @@ def test_a_streamed_folder_reads_the_pixels_the_decoded_one_holds(cifar_dir):
     np.testing.assert_array_equal(rest.labels, rest_memory.labels)
 
 
+def test_a_streamed_file_that_does_not_decode_is_skipped_in_pretraining_not_in_evaluation(
+        cifar_copy):
+    """Pretraining leaves its index out; evaluation, whose features must line
+    up with the labels, stops with an error rather than shift them."""
+    (cifar_copy / "cat" / "x.jpg").write_bytes(b"not an image at all")
+    streamed = load_images(f"dir:{cifar_copy}", storage="stream")
+    bad = list(streamed.paths).index(str(cifar_copy / "cat" / "x.jpg"))
+    assert len(streamed) == 3 * PER_CLASS + 1
+    (batch,) = [i.numpy() for _, i in pretrain_dataset(streamed, len(streamed), 1, tf.identity)]
+    assert sorted(batch) == sorted(set(range(len(streamed))) - {bad})
+    with pytest.raises(tf.errors.OpError, match="expected to contain"):
+        list(streamed.batches(16))
+
+
 def test_an_uncompressed_npz_is_memory_mapped_and_a_compressed_one_read(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)
     labels = np.arange(50) % 5
@@ -579,3 +593,30 @@ def test_two_workers_each_read_their_half_and_together_the_whole_set(tmp_path):
     for worker in workers:
         np.testing.assert_array_equal(worker["visits"], single["visits"])
     assert single["visits"].sum() == 88 * 32 and single["visits"].max() <= 2
+
+
+def test_a_run_streams_a_folder_with_steps_per_epoch_and_a_capped_knn_memory(cifar_dir, tmp_path,
+                                                                             capsys):
+    """`simclic train` end to end on a streamed folder: the log line and the
+    report say the images came from files and how big the kNN memory was;
+    --steps-per-epoch sets the epochs' length (2 steps of an 8-step pass)."""
+    import json
+
+    from simclic_tf.commands import train
+
+    run_dir = tmp_path / "run"
+    assert train([
+        "--dataset", f"dir:{cifar_dir}", "--test-fraction", "0.2", "--data-storage", "stream",
+        "--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "16", "--pred-hidden", "8",
+        "--batch-size", "6", "--epochs", "3", "--steps-per-epoch", "2", "--knn-bank-size", "30",
+        "--knn-k", "5", "--knn-every", "0", "--linear-epochs", "2", "--kernel-impl", "tf",
+        "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "Data: training 48 images 32x32x3 (streamed from image files" in out
+    assert "kNN memory 30 images" in out and "2/2" in out  # the progress bar's real total
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["data"]["storage"] == "files" and report["data"]["knn_memory_images"] == 30
+    assert report["steps"] == 6
+    assert "read from disk (files); kNN memory 30 images (capped by --knn-bank-size 30)" in (
+        run_dir / "report.md").read_text()
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 4
