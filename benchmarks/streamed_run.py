@@ -8,7 +8,8 @@ epoch (the history bank's visit counts).
 The folder is the 50,000 CIFAR-10 training JPEGs of ../shared/data, each
 linked `--copies` times under its class (200,000 files: 5.1 GiB once decoded
 at 96 px, 3 x 96 x 96 bytes an image), in a temporary folder; the test
-split evaluates. `simclic train` runs with `--data-storage stream`, a small
+split evaluates. `simclic train` runs with `--data-storage stream` (or
+`--data-storage memory`, to compare), a small
 encoder and a capped kNN memory, so that the figure is the data's cost, not
 the model's. Peak RSS is the run process's `ru_maxrss`.
 """
@@ -50,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps-per-epoch", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--data-storage", default="stream",
+                        help="memory: the same run on the decoded set, to compare")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -63,7 +66,7 @@ def main(argv=None):
         command = [
             sys.executable, "train.py", "--dataset", f"dir:{scratch / 'large'}",
             "--eval-dataset", f"dir:{scratch / 'jpeg' / 'test'}",
-            "--image-size", str(args.image_size), "--data-storage", "stream",
+            "--image-size", str(args.image_size), "--data-storage", args.data_storage,
             "--backbone", "tiny_convnet", "--width", "8", "--proj-dim", "128",
             "--pred-hidden", "32", "--batch-size", str(args.batch_size),
             "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),

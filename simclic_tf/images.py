@@ -110,6 +110,7 @@ class ImageSet(Images):
     def __init__(self, images, labels, class_names):
         super().__init__(labels, class_names)
         self.images = images
+        self._tensor = None
 
     @property
     def image_shape(self):
@@ -120,14 +121,22 @@ class ImageSet(Images):
 
     def _take(self, positions):
         self.images = self.images[positions]
+        self._tensor = None
 
     def resized(self, size, chunk=1024):
         pixels = np.concatenate([resize(self.images[i:i + chunk], size).numpy()
                                  for i in range(0, len(self), chunk)])
         return ImageSet(pixels, self.labels, self.class_names)
 
+    def tensor(self):
+        """The images as one tensor, made once: every pipeline gathers from
+        the same copy (TensorFlow copies an array it converts)."""
+        if self._tensor is None:
+            self._tensor = tf.convert_to_tensor(self.images)
+        return self._tensor
+
     def read(self, index_batches, batch_size):
-        pixels = tf.convert_to_tensor(self.images)
+        pixels = self.tensor()
         return index_batches.map(lambda indices: (indices, tf.gather(pixels, indices)),
                                  num_parallel_calls=AUTOTUNE)
 
