@@ -495,8 +495,8 @@ def pretrain_dataset(images, batch_size, views, augment, seed=0, with_labels=Fal
     is a permutation of the indices drawn by `index_shuffle` from (seed, p)
     alone, so an epoch's batches do not depend on where the run (re)started,
     and every index comes at most once a pass. A set read front to back
-    (`random_access` False) is shuffled through a buffer of `shuffle_buffer`
-    images instead, seeded by (seed, p). With `input_context` (tf.distribute's,
+    (`random_access` False) is read in windows of `shuffle_buffer` images
+    instead, each in its own order drawn from (seed, p, window). With `input_context` (tf.distribute's,
     see `distribute_pretraining`) the dataset holds this input pipeline's
     replicas' shares of every global batch, in replica order: the batch each
     replica trains on is its slice of the one a single device would see.
@@ -532,8 +532,19 @@ def pretrain_dataset(images, batch_size, views, augment, seed=0, with_labels=Fal
         batches = images.read(index_batches, per_replica)
     else:
         def one_pass(number):
-            return (images.stream().enumerate()
-                    .shuffle(shuffle_buffer, seed=seed * 1_000_003 + number)
+            # Each window of `shuffle_buffer` images in a stateless order from
+            # (seed, pass, window): Dataset.shuffle takes no tensor seed when a
+            # global seed is set.
+            key = tf.stack([tf.constant(seed, tf.int64), number])
+
+            def permute(window, indices, pixels):
+                order = tf.random.experimental.stateless_shuffle(
+                    tf.range(tf.shape(indices)[0]),
+                    tf.random.experimental.stateless_fold_in(key, window))
+                return tf.gather(indices, order), tf.gather(pixels, order)
+
+            return (images.stream().enumerate().batch(shuffle_buffer).enumerate()
+                    .map(lambda window, batch: permute(window, *batch)).unbatch()
                     .batch(batch_size, drop_remainder=True)
                     .map(lambda i, x: (tf.reshape(tf.gather(i, share), (local, per_replica)),
                                        tf.reshape(tf.gather(x, share),
