@@ -34,7 +34,7 @@ from sklearn.datasets import load_digits
 
 from simclic_tf.config import flag
 from simclic_tf.images import (ImageFiles, ImageSet, Images, ImageStream, MappedArray,
-                               memory_map_npz, resize)
+                               memory_map_npz)
 from simclic_tf.registry import Registry
 
 DATA_SOURCES = Registry("data source")
@@ -192,11 +192,10 @@ class Npz(DataSource):
             # No pickle: an .npz must not be able to run code.
             with np.load(path) as arrays:
                 found = {key: arrays[key] for key in ("y", "class_names") if key in arrays.files}
-                mapped = memory_map_npz(path) if "x" in arrays.files else None
-                if "x" in arrays.files and mapped is None:  # Compressed: read it whole.
-                    found["x"] = arrays["x"]
-                elif mapped is not None:
-                    found["x"] = mapped
+                if "x" in arrays.files:  # Mapped, or read whole when compressed.
+                    found["x"] = memory_map_npz(path)
+                    if found["x"] is None:
+                        found["x"] = arrays["x"]
         except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as error:
             raise DataError(
                 f"{name!r}: cannot read it as an .npz without pickle ({error}); "
@@ -321,9 +320,9 @@ class TFDS(DataSource):
         height, width, channels = features["image"].shape
         shape = (*(size or (height, width)), channels)
 
-        def read():
+        def read():  # ImageStream.stream resizes what comes at another size.
             examples = builder.as_dataset(split=split, shuffle_files=False)
-            return examples.map(lambda example: _fit(example["image"], shape[:2]), AUTOTUNE)
+            return examples.map(lambda example: example["image"], AUTOTUNE)
 
         return ImageStream(read, count, labels, class_names, shape)
 
@@ -403,15 +402,12 @@ def to_memory(images, name):
         return images
     # Filled in place: one decoded copy, not a list of batches and their concatenation.
     pixels = np.empty((len(images), *images.image_shape), np.uint8)
-    if not images.random_access:
-        start = 0
-        for batch in images.batches(1024).as_numpy_iterator():
-            pixels[start:start + len(batch)] = batch
-            start += len(batch)
-        return ImageSet(pixels, images.labels, images.class_names)
     decoded = np.zeros(len(images), bool)
-    everything = tf.data.Dataset.range(len(images)).batch(1024)
-    for indices, batch in images.read(everything, 1024).as_numpy_iterator():
+    if images.random_access:
+        batches = images.read(tf.data.Dataset.range(len(images)).batch(1024), 1024)
+    else:
+        batches = images.stream().enumerate().batch(1024)
+    for indices, batch in batches.as_numpy_iterator():
         pixels[indices] = batch
         decoded[indices] = True
     positions = np.flatnonzero(decoded)
@@ -497,10 +493,10 @@ def pretrain_dataset(images, batch_size, views, augment, seed=0, with_labels=Fal
     and every index comes at most once a pass. A set read front to back
     (`random_access` False) is read in windows of `shuffle_buffer` images
     instead, each in its own order drawn from (seed, p, window). With
-    `input_context` (tf.distribute's,
-    see `distribute_pretraining`) the dataset holds this input pipeline's
-    replicas' shares of every global batch, in replica order: the batch each
-    replica trains on is its slice of the one a single device would see.
+    `input_context` (tf.distribute's, see `distribute_pretraining`) the
+    dataset holds this input pipeline's replicas' shares of every global
+    batch, in replica order: the batch each replica trains on is its slice of
+    the one a single device would see.
 
     `images` is a `simclic_tf.images.Images`, a uint8 array (N, H, W, C), or a
     finite `tf.data.Dataset` of single images (uint8, or floats in [0, 1])
@@ -689,12 +685,6 @@ def _size(image_size):
     if isinstance(image_size, (int, np.integer)):
         return (int(image_size), int(image_size))
     return tuple(int(side) for side in image_size)
-
-
-def _fit(image, size):
-    """uint8 `image` at `size`, resized only when it differs."""
-    return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size),
-                   lambda: image, lambda: resize(image, size))
 
 
 def _image_files(folder):

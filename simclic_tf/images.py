@@ -97,7 +97,7 @@ class Images:
 
     def head(self, count):
         """The first `count` images, as a uint8 array."""
-        return np.concatenate(list(self.stream().take(count).batch(count).as_numpy_iterator()))
+        return next(self.stream().batch(count).as_numpy_iterator())
 
 
 class ImageSet(Images):
@@ -181,8 +181,7 @@ class ImageFiles(Images):
                                       dct_method="INTEGER_ACCURATE"),
             lambda: tf.io.decode_image(contents, channels=channels, expand_animations=False))
         image.set_shape((None, None, channels))
-        return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size),
-                       lambda: image, lambda: resize(image, size))
+        return fit(image, size)
 
     def read(self, index_batches, batch_size):
         paths = tf.constant(self.paths.astype(str))
@@ -212,14 +211,14 @@ class MappedArray(Images):
         self.positions = self.positions[positions]
 
     def read(self, index_batches, batch_size):
+        stored = self.array.shape[1:]
+
         def gather(indices):
             rows = self.positions[indices]
             order = np.argsort(rows)  # Ascending reads, for the page cache.
-            pixels = np.empty((len(rows), *self.array.shape[1:]), np.uint8)
+            pixels = np.empty((len(rows), *stored), np.uint8)
             pixels[order] = self.array[rows[order]]
             return pixels
-
-        stored = self.array.shape[1:]
 
         def read_batch(indices):
             pixels = tf.numpy_function(gather, [indices], tf.uint8, stateful=False)
@@ -260,8 +259,8 @@ class ImageStream(Images):
 
     def stream(self):
         images = self.make_dataset()
-        if tuple(images.element_spec.shape[:2]) != self.image_shape[:2]:
-            images = images.map(lambda image: resize(image, self.image_shape[:2]), AUTOTUNE)
+        if tuple(images.element_spec.shape[:2]) != self.image_shape[:2]:  # Varying or other.
+            images = images.map(lambda image: fit(image, self.image_shape[:2]), AUTOTUNE)
         if self.positions is None:
             return images
         keep = np.zeros(self.count, bool)
@@ -302,4 +301,10 @@ def resize(image, size):
     """uint8 image(s) resized (bilinear, antialiased) to `size`, back to uint8."""
     resized = tf.image.resize(image, size, antialias=True)
     return tf.saturate_cast(tf.round(resized), tf.uint8)
+
+
+def fit(image, size):
+    """uint8 `image` at `size`, resized only when its own size differs."""
+    return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size),
+                   lambda: image, lambda: resize(image, size))
 
