@@ -62,6 +62,20 @@ def error_table(report):
     return lines
 
 
+def data_line(data, knn_bank_size):
+    """report.md's line on the data: sizes, where the pixels were read from,
+    and the kNN memory (`labelled_memory` caps it at exactly knn_bank_size)."""
+    line = (f"- data: {data['train_images']} training and {data['test_images']} test images "
+            f"of shape {data['image_shape']}, read ")
+    storage = data.get("storage", "memory")
+    line += "from memory" if storage == "memory" else f"from disk ({storage})"
+    if "knn_memory_images" in data:
+        line += f"; kNN memory {data['knn_memory_images']} images"
+        if knn_bank_size is not None and data["knn_memory_images"] == knn_bank_size:
+            line += f" (capped by --knn-bank-size {knn_bank_size})"
+    return line
+
+
 def markdown(report):
     config = report["config"]
     lines = [f"# SimCLIC run: {config['dataset']}", "", verdict(report), ""]
@@ -82,15 +96,7 @@ def markdown(report):
         f"- collapse: {'at epoch ' + str(collapsed) if collapsed else 'none detected'}"
         + (", where --stop-on-collapse ended pretraining"
            if collapsed and config["stop_on_collapse"] else ""),
-        f"- data: {report['data']['train_images']} training and {report['data']['test_images']}"
-        f" test images of shape {report['data']['image_shape']}, read "
-        + ("from memory" if report["data"].get("storage", "memory") == "memory"
-           else f"from disk ({report['data']['storage']})")
-        + (f"; kNN memory {report['data']['knn_memory_images']} images"
-           + (f" (capped by --knn-bank-size {config['knn_bank_size']})"
-              if config.get("knn_bank_size") and report["data"]["knn_memory_images"]
-              < report["data"]["train_images"] else "")
-           if "knn_memory_images" in report["data"] else ""),
+        data_line(report["data"], config.get("knn_bank_size")),
         f"- pretraining wall time {report['train_seconds']:.0f} s",
     ]
     if report.get("derived"):

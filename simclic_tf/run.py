@@ -206,15 +206,17 @@ def build_model(config, train_set, strategy=None):
 def pretrain_inputs(config, train_set, strategy=None, initial_epoch=0):
     """(augmentation, pretraining dataset) for this config from `initial_epoch`
     on, distributed for `strategy` (default: the current one); train on it
-    with fit(steps_per_epoch=config.epoch_steps(len(train_set))). SimSiam's augmentation seeded by
-    `config.seed`, and labels in the batches when the online probe needs them."""
+    with fit(steps_per_epoch=config.epoch_steps(len(train_set))). SimSiam's
+    augmentation seeded by `config.seed`, and labels in the batches when the
+    online probe needs them."""
     shape = train_set.image_shape
     augmentation = augment.build_augmentation(shape[:2], shape[-1],
                                               crop_scale=(config.crop_min_scale, 1.0),
                                               seed=config.seed)
     return augmentation, data.distribute_pretraining(
-        strategy or tf.distribute.get_strategy(), train_set, config.batch_size, views=config.views, augment=augmentation,
-        seed=config.seed, with_labels=config.online_probe, epochs=config.epochs,
+        strategy or tf.distribute.get_strategy(), train_set, config.batch_size,
+        views=config.views, augment=augmentation, seed=config.seed,
+        with_labels=config.online_probe, epochs=config.epochs,
         initial_epoch=initial_epoch, steps_per_epoch=config.epoch_steps(len(train_set)))
 
 
