@@ -202,7 +202,9 @@ class HistoryPerturbation(Perturbation):
         return distribute.gather_shards(variable, self.num_samples)
 
     def save_own_variables(self, store):
-        """Keras's, with the logical buffer and visit counts in either layout."""
+        """Keras's; sharded, with the logical buffer and visit counts."""
+        if self.shards == 1:
+            return super().save_own_variables(store)
         logical = {id(self.bank): self.bank_rows(), id(self.visits): self.visit_counts()}
         for key, variable in self._variables_by_key().items():
             store[key] = logical.get(id(variable), variable)
