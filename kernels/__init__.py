@@ -16,6 +16,7 @@ import collections
 import logging
 import threading
 
+from simclic_tf.config import field_choices
 from simclic_tf.kernels.history import history_exchange
 from simclic_tf.kernels.noise import representation_noise
 
@@ -24,7 +25,7 @@ __all__ = ["IMPLEMENTATIONS", "Kernels", "history_exchange", "representation_noi
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "custom_op", "tf")
+IMPLEMENTATIONS = field_choices("kernel_impl")  # --kernel-impl's, declared in the config
 
 Kernels = collections.namedtuple("Kernels", ["name", "history_exchange", "representation_noise"])
 Kernels.__doc__ = "One implementation of the kernels: `name` is 'custom_op' or 'tf'."

@@ -18,6 +18,8 @@ import random
 import keras
 import tensorflow as tf
 
+from simclic_tf import compat
+
 # SimSiam's CIFAR recipe, in torchvision's terms (ColorJitter(0.4, 0.4, 0.4, 0.1)).
 CROP_SCALE = (0.2, 1.0)
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
@@ -49,14 +51,10 @@ class ParallelSafeSeedGenerator(keras.random.SeedGenerator):
 
 
 def parallel_safe(layer):
-    """`layer`, a Keras preprocessing layer, drawing from a ParallelSafeSeedGenerator.
-
-    Keras's preprocessing layers take their randomness from `layer.generator`
-    (the `DataLayer` contract: attributes `seed` and `generator`). The swap is
-    not serialised: a reloaded model has Keras's generators again.
-    """
-    layer.generator = ParallelSafeSeedGenerator(layer.seed)
-    return layer
+    """`layer`, a Keras preprocessing layer, drawing from a ParallelSafeSeedGenerator
+    seeded with its `seed`. The swap is not serialised: a reloaded model has
+    Keras's generators again."""
+    return compat.use_seed_generator(layer, ParallelSafeSeedGenerator(layer.seed))
 
 
 @keras.saving.register_keras_serializable(package="simclic_tf")

@@ -1,19 +1,17 @@
-"""Command-line flags derived from SimCLICConfig's fields, so that a knob is
-declared once (in config.py) and `simclic train`, `simclic tune` and the
-saved `config.json` all agree on it."""
+"""Command-line flags derived from the fields of a knobs dataclass
+(SimCLICConfig, the search's and the transfer's settings), so that a knob is
+declared once (knobs.py) and `simclic train`, `tune` and `transfer`, and the
+saved `config.json`, all agree on it."""
 
 import argparse
 import dataclasses
 
-from simclic_tf.config import (RECIPE_DIR, SECTIONS, SimCLICConfig, choice_names, flag,
-                               read_values, recipe_names, value_type)
-
-
-_FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
+from simclic_tf.config import RECIPE_DIR, SECTIONS, SimCLICConfig, read_values, recipe_names
+from simclic_tf.knobs import choice_names, flag, item_type, knob_fields, value_type
 
 
 def flag_help(field):
-    """A config field's help, then its choices or range and its default, once."""
+    """A knob's help, then its choices or range and its default, once."""
     text = field.metadata["help"]
     choices, bounds = field.metadata["choices"], field.metadata["range"]
     notes = []
@@ -21,24 +19,39 @@ def flag_help(field):
         notes.append(f"one of: {', '.join(map(str, choice_names(choices)))}")
     elif bounds:
         notes.append(f"from {bounds[0]:g} to {bounds[1]:g}")
-    if field.default is not None and "default:" not in text:
+    if field.default not in (None, (), dataclasses.MISSING) and "default:" not in text:
         default = str(field.default).lower() if isinstance(field.default, bool) else field.default
         notes.append(f"default: {default}")
     # argparse formats help with %: a literal one must be doubled.
     return (text + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%")
 
 
-def add_config_flag(parser, name, default=None):
-    """The flag of config field `name` (`--batch-size`, `--stop-gradient/
-    --no-stop-gradient`, ...), with the field's help, type, choices or range."""
-    field = _FIELDS[name]
-    kind = value_type(field)
+def add_knob_flag(parser, field):
+    """The flag of the knob `field` (`--batch-size`, `--stop-gradient/
+    --no-stop-gradient`, `--tune A B`), with its help and type, required
+    where the field has no default. Its default is None and its value is
+    left to the dataclass to check, so that a flag, a file and code get the
+    same error."""
+    kind, name = value_type(field), field.name
+    options = dict(help=flag_help(field), required=field.default is dataclasses.MISSING)
     if kind is bool:
-        parser.add_argument(flag(name), action=argparse.BooleanOptionalAction,
-                            default=default, help=flag_help(field))
+        parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, **options)
+    elif kind is tuple:
+        parser.add_argument(flag(name), type=item_type(field), nargs="+",
+                            metavar=name.upper(), **options)
     else:
-        parser.add_argument(flag(name), type=kind, default=default, metavar=name.upper(),
-                            help=flag_help(field))
+        parser.add_argument(flag(name), type=kind, metavar=name.upper(), **options)
+
+
+def add_knob_flags(parser, knobs, sections=()):
+    """One flag per knob of the dataclass `knobs`, in field order; `sections`
+    ((title, first field) pairs) puts them in argument groups from that field on."""
+    starts = {first: title for title, first in sections}
+    group = parser
+    for field in knob_fields(knobs):
+        group = parser.add_argument_group(starts[field.name]) if field.name in starts else group
+        add_knob_flag(group, field)
+    return parser
 
 
 def add_config_flags(parser):
@@ -52,12 +65,7 @@ def add_config_flags(parser):
         f"JSON files in {RECIPE_DIR}: copy one, edit it, pass it as --config)")
     sources.add_argument("--config", metavar="FILE",
                          help="JSON config file (all knobs or some) over the preset")
-    starts = {first: title for title, first in SECTIONS}
-    group = None
-    for name in _FIELDS:
-        group = parser.add_argument_group(starts[name]) if name in starts else group
-        add_config_flag(group, name)
-    return parser
+    return add_knob_flags(parser, SimCLICConfig, SECTIONS)
 
 
 def base_config(args):
@@ -66,9 +74,11 @@ def base_config(args):
     return SimCLICConfig.load(args.config, config) if args.config else config
 
 
-def flags_given(args):
-    """{knob: value} of the flags given explicitly on the command line."""
-    return {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+def flags_given(args, knobs=SimCLICConfig):
+    """{knob: value} of the flags of the dataclass `knobs` given explicitly
+    on the command line."""
+    return {field.name: getattr(args, field.name) for field in knob_fields(knobs)
+            if getattr(args, field.name) is not None}
 
 
 def config_from_args(args):

@@ -1,10 +1,12 @@
-"""The one seam between simclic-tf and private TensorFlow / Keras API.
+"""The one seam between simclic-tf and private TensorFlow, Keras and
+keras-tuner API.
 
 Each function below wraps one private attribute that no public API offers,
 says what it is for, and raises `CompatError` naming it and the installed
 versions when an upgrade removed it (tests/test_compat.py exercises each).
-Nothing else in the package touches a leading-underscore name of either
-framework.
+Nothing else in the package, its tests included, touches a leading-underscore
+name of these frameworks, `keras.src`, `tensorflow.python`, or keras-tuner's
+undocumented attributes.
 
 Importing this module also imports TensorFlow with its start-up lines
 filtered (below).
@@ -18,12 +20,15 @@ import sys
 import tempfile
 
 # TensorFlow 2.20+ prints these lines while loading its libraries (twice, one
-# per library) before its logging honours TF_CPP_MIN_LOG_LEVEL. They say
-# nothing a user can act on; everything else TensorFlow prints goes through.
+# per library) before its logging honours TF_CPP_MIN_LOG_LEVEL, and, on a
+# machine without a GPU, an E-level "failed call to cuInit" when it first
+# looks for devices. They say nothing a user can act on; everything else
+# TensorFlow prints goes through.
 STARTUP_NOISE = re.compile(
     r"absl::InitializeLog\(\)|\] oneDNN custom operations are on|cudart_stub\.cc:\d+\] "
     r"Could not find cuda drivers|cpu_feature_guard\.cc:\d+\] This TensorFlow binary|"
-    r"^To enable the following instructions:.*rebuild TensorFlow")
+    r"^To enable the following instructions:.*rebuild TensorFlow|"
+    r"cuda_(platform|executor)\.cc:\d+\] failed call to cuInit")
 
 
 @contextlib.contextmanager
@@ -51,6 +56,9 @@ if "tensorflow" not in sys.modules:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with filtered_stderr(STARTUP_NOISE):
         import tensorflow as tf
+        # Looks for GPUs now, inside the filter, not at a command's first op.
+        # (Physical devices only: logical ones can still be configured.)
+        tf.config.list_physical_devices()
 else:
     import tensorflow as tf
 
@@ -58,11 +66,14 @@ import keras  # noqa: E402
 
 
 class CompatError(RuntimeError):
-    """A private TensorFlow or Keras API that simclic-tf relies on changed."""
+    """A private TensorFlow, Keras or keras-tuner API that simclic-tf relies on changed."""
 
 
 def versions():
-    return f"tensorflow {tf.__version__}, keras {keras.__version__}"
+    """The installed frameworks' versions, keras-tuner's once it is imported."""
+    installed = f"tensorflow {tf.__version__}, keras {keras.__version__}"
+    tuner = sys.modules.get("keras_tuner")
+    return installed + (f", keras-tuner {tuner.__version__}" if tuner else "")
 
 
 def private(owner, name, purpose):
@@ -119,6 +130,29 @@ def all_layers(model):
         include_self=True, recursive=True))
 
 
+def variable_index(optimizer, variable):
+    """The position of `variable` among those `optimizer` was built with
+    (Keras's `_get_variable_index`): `update_step` is given the backend's
+    variable, which has no Keras path, so a per-variable choice made at build
+    time is found by position."""
+    return private(optimizer, "_get_variable_index",
+                   "to find a variable's parameter group")(variable)
+
+
+def use_seed_generator(layer, generator):
+    """`layer`, a Keras preprocessing layer, drawing its random seeds from
+    `generator`. No public argument takes a generator: these layers read
+    `layer.generator` through `_get_seed_generator` (keras.src's DataLayer
+    contract), which this checks still holds."""
+    seed_generator = private(layer, "_get_seed_generator",
+                             "to give a preprocessing layer its seed generator")
+    layer.generator = generator
+    if seed_generator() is not generator:
+        raise CompatError(f"{type(layer).__name__}._get_seed_generator no longer returns "
+                          f"layer.generator, which simclic-tf sets ({versions()})")
+    return layer
+
+
 def tf_variable(variable):
     """The `tf.Variable` behind a keras.Variable (TensorFlow backend), for the
     kernels that update it in place; `.value` may be an autocast copy."""
@@ -154,3 +188,18 @@ def in_stateless_scope():
     purpose = "to refuse in-place updates where Keras cannot see them"
     scope = private_module("keras.src.backend.common.stateless_scope", purpose)
     return private(scope, "in_stateless_scope", purpose)()
+
+
+def started_trials(oracle):
+    """Every trial a keras_tuner.Oracle has started, in start order (its
+    undocumented `trials` and `start_order`; the public `get_best_trials`
+    lists completed trials only)."""
+    purpose = "to list the trials of a search"
+    trials = private(oracle, "trials", purpose)
+    return [trials[trial_id] for trial_id in private(oracle, "start_order", purpose)]
+
+
+def has_running_trials(oracle):
+    """Whether a keras_tuner.Oracle has a trial running (its undocumented
+    `ongoing_trials`)."""
+    return bool(private(oracle, "ongoing_trials", "to tell a finished search from a busy one"))

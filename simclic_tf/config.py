@@ -2,61 +2,45 @@
 
 The CLI flags (`train.py`), the keras-tuner search space (`tuning/`) and the
 saved `config.json` of a run are all derived from the fields below and their
-metadata (`help`, `choices`, `range`), so a knob is declared exactly once.
+metadata (`help`, `choices`, `range`; see knobs.py), so a knob is declared
+exactly once.
 """
 
 import dataclasses
 import json
 import math
-import numbers
-import typing
 from pathlib import Path
 from typing import Optional
 
+# Also imported from here: ConfigError, flag and value_type (re-exported).
+from simclic_tf.knobs import (ConfigError, Knobs, checked, choice_names,  # noqa: F401
+                              flag, knob, value_type)
 from simclic_tf.registry import BACKBONES, LOSSES, PERTURBATIONS, PREDICTORS
 
 
-class ConfigError(ValueError):
-    """A knob has a value that is out of range or makes no sense with another."""
+def config_field(name):
+    """SimCLICConfig's field `name`."""
+    return next(f for f in dataclasses.fields(SimCLICConfig) if f.name == name)
 
 
-def knob(default, help, choices=None, range=None):
-    """A config field with the metadata the CLI and the tuner read."""
-    return dataclasses.field(
-        default=default, metadata={"help": help, "choices": choices, "range": range}
-    )
+def field_choices(name):
+    """The accepted values of the config field `name`, for code that checks a
+    value outside a config (the data pipelines' arguments)."""
+    return choice_names(config_field(name).metadata["choices"])
 
 
-def flag(name):
-    """The CLI spelling of a config field, used in every error message."""
-    return "--" + name.replace("_", "-")
+def checked_value(name, value):
+    """`value` checked as the config's knob `name` checks it (`knobs.checked`),
+    for code given a knob's value outside a config: the same ConfigError."""
+    return checked(config_field(name), value)
 
 
-def value_type(field):
-    """A field's value type: int for `int` and `Optional[int]`, and so on."""
-    if typing.get_origin(field.type) is typing.Union:
-        return next(t for t in typing.get_args(field.type) if t is not type(None))
-    return field.type
-
-
-def choice_names(choices):
-    """The accepted values of a field's `choices`: a tuple, or a Registry's names."""
-    return choices.names() if hasattr(choices, "names") else choices
-
-
-TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-NUMBER_TYPES = {int: numbers.Integral, float: numbers.Real}
-
-
-def has_type(value, kind):
-    """Whether `value` is a `kind` as a config file must spell it: bool is not
-    a number (JSON's true is not 1), an integer is a float, and numpy's
-    scalars count as Python's."""
-    if kind in NUMBER_TYPES:
-        return isinstance(value, NUMBER_TYPES[kind]) and not isinstance(value, bool)
-    return isinstance(value, kind)
+def config_knob(name):
+    """The config's knob `name` (default, help, choices, range) as a field of
+    another Knobs dataclass, for a setting both have: declared once, here."""
+    field = config_field(name)
+    return knob(field.default, field.metadata["help"], field.metadata["choices"],
+                field.metadata["range"])
 
 
 # The config's sections, each named with its first field (the fields below
@@ -67,7 +51,9 @@ SECTIONS = (("data", "dataset"), ("model", "backbone"), ("perturbation", "pertur
 
 
 @dataclasses.dataclass(frozen=True)
-class SimCLICConfig:
+class SimCLICConfig(Knobs):
+    """Every knob of a SimCLIC run."""
+
     # Data.
     dataset: str = knob(
         "shapes", "tfds name, dir:PATH, npz:PATH, shapes (drawn on the fly) or digits "
@@ -218,46 +204,6 @@ class SimCLICConfig:
         "below its threshold), then evaluate and report as usual")
     run_dir: str = knob("runs/latest", "directory for logs, checkpoints and report")
 
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            self._check_field(field)
-        self._check_combinations()
-
-    def _check_field(self, field):
-        value = getattr(self, field.name)
-        if value is None:
-            return
-        kind = value_type(field)
-        if not has_type(value, kind):
-            raise ConfigError(f"{flag(field.name)} {value!r} is not accepted; expected "
-                              f"{TYPE_NAMES[kind]}{self._accepted(field)}")
-        if kind in NUMBER_TYPES:  # Python's own, for config.json and the tuner
-            object.__setattr__(self, field.name, kind(value))
-        choices = field.metadata["choices"]
-        if choices is not None:
-            names = choice_names(choices)
-            if value not in names:
-                raise ConfigError(
-                    f"{flag(field.name)} {value!r} is not accepted; "
-                    f"choose one of: {', '.join(map(str, names))}"
-                )
-        bounds = field.metadata["range"]
-        if bounds is not None and not bounds[0] <= value <= bounds[1]:
-            raise ConfigError(
-                f"{flag(field.name)} {value} is out of range; "
-                f"accepted: {bounds[0]} to {bounds[1]}"
-            )
-
-    @staticmethod
-    def _accepted(field):
-        """The range or choices of a field, for an error message."""
-        bounds, choices = field.metadata["range"], field.metadata["choices"]
-        if bounds is not None:
-            return f" from {bounds[0]} to {bounds[1]}"
-        if choices is not None:
-            return f", one of: {', '.join(map(str, choice_names(choices)))}"
-        return ""
-
     def _check_combinations(self):
         if self.views == 1 and self.perturbation == "none":
             raise ConfigError(
@@ -306,12 +252,6 @@ class SimCLICConfig:
     def learning_rate(self):
         """Peak learning rate, linearly scaled with the batch size (Goyal et al.)."""
         return self.base_lr * self.batch_size / 256
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values, base=None):

@@ -12,21 +12,43 @@ The recipe, SimSiam/BYOL-style but milder on a small budget:
 - augmentation on, milder than pretraining's: random resized crop with scale
   0.5 to 1 and a horizontal flip, no colour jitter, grayscale or blur.
 
-The two learning rates are parameter groups of one `GroupedSGD`
-(`finetune_optimizer`): the backbone's variables at `backbone_lr_scale`
-times the head's rate, one schedule and one step counter.
+`FineTuneConfig` holds these numbers. The two learning rates are parameter
+groups of one `GroupedSGD` (`finetune_optimizer`): the backbone's variables
+at `backbone_lr_scale` times the head's rate, one schedule and one step counter.
 """
+
+import dataclasses
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from simclic_tf.augment import RandomResizedCrop, parallel_safe
-from simclic_tf.data import eval_dataset, shuffled_batches
+from simclic_tf.pipelines import eval_dataset, shuffled_batches
+from simclic_tf.knobs import Knobs, knob
 from simclic_tf.optimizers import GroupedSGD, ParameterGroup
 
-CROP_SCALE = (0.5, 1.0)  # milder than pretraining's (0.2, 1.0)
 HEAD = "head"  # the head layer's name: its variables' paths start "head/"
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneConfig(Knobs):
+    """The fine-tuning recipe (module docstring), checked as the config's knobs are."""
+
+    learning_rate: float = knob(
+        0.1, "the head's peak learning rate (cosine decay to 0 over the run)",
+        range=(0.0, 100.0))
+    backbone_lr_scale: float = knob(
+        0.1, "the backbone's learning rate as a multiple of the head's", range=(0.0, 1000.0))
+    momentum: float = knob(0.9, "SGD momentum", range=(0.0, 0.999))
+    weight_decay: float = knob(
+        5e-4, "L2 weight decay added to the gradient, as PyTorch SGD does", range=(0.0, 1.0))
+    batch_size: int = knob(128, "batch size, capped at the number of images",
+                           range=(1, 1 << 20))
+    crop_min_scale: float = knob(
+        0.5, "smallest area of the random resized crop, as a fraction of the image "
+        "(milder than pretraining's 0.2)", range=(0.01, 1.0))
+    flip: bool = knob(True, "random horizontal flips")
 
 
 @keras.saving.register_keras_serializable("simclic_tf")
@@ -70,12 +92,13 @@ class FineTuner(keras.Model):
         return cls(**config)
 
 
-def finetune_optimizer(learning_rate, backbone_lr_scale=0.1, momentum=0.9, weight_decay=5e-4):
+def finetune_optimizer(learning_rate, recipe=FineTuneConfig()):
     """The `GroupedSGD` of a `FineTuner`: the head at `learning_rate` (a float
-    or a schedule), every other variable (the backbone's) at `backbone_lr_scale`
-    times it, L2 `weight_decay` on all."""
-    backbone = ParameterGroup(f"^(?!{HEAD}/)", lr_scale=backbone_lr_scale)
-    return GroupedSGD(learning_rate, momentum=momentum, l2=weight_decay, groups=[backbone])
+    or a schedule), every other variable (the backbone's) at the FineTuneConfig
+    `recipe`'s `backbone_lr_scale` times it, with its momentum and L2 decay."""
+    backbone = ParameterGroup(f"^(?!{HEAD}/)", lr_scale=recipe.backbone_lr_scale)
+    return GroupedSGD(learning_rate, momentum=recipe.momentum, l2=recipe.weight_decay,
+                      groups=[backbone])
 
 
 def copy_model(model):
@@ -86,12 +109,14 @@ def copy_model(model):
     return copy
 
 
-def finetune_augmentation(image_size, crop_scale=CROP_SCALE, flip=True, seed=None):
-    """Random resized crop (area `crop_scale`) and, if `flip`, a horizontal flip,
-    for float32 batches in [0, 1]: milder than the pretraining augmentation."""
+def finetune_augmentation(image_size, recipe=FineTuneConfig(), seed=None):
+    """The FineTuneConfig `recipe`'s random resized crop (area from its
+    `crop_min_scale` to 1) and, if its `flip`, a horizontal flip, for float32
+    batches in [0, 1]: milder than the pretraining augmentation."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    layers = [RandomResizedCrop(height, width, scale=crop_scale, seed=seed, dtype="float32")]
-    if flip:
+    layers = [RandomResizedCrop(height, width, scale=(recipe.crop_min_scale, 1.0), seed=seed,
+                                dtype="float32")]
+    if recipe.flip:
         layers.append(parallel_safe(keras.layers.RandomFlip(
             "horizontal", seed=None if seed is None else seed + 1, dtype="float32")))
     return keras.Sequential(layers, name="finetune_augmentation")
@@ -112,29 +137,28 @@ def labelled_batches(images, batch_size, augment=None, seed=None):
     return shuffled_batches(images, batch_size, make_batch, seed)
 
 
-def finetune(backbone, train_set, epochs, num_classes=None, batch_size=128,
-             learning_rate=0.1, backbone_lr_scale=0.1, momentum=0.9, weight_decay=5e-4,
-             crop_scale=CROP_SCALE, flip=True, seed=0, verbose=0):
+def finetune(backbone, train_set, epochs, recipe=FineTuneConfig(), num_classes=None, seed=0,
+             verbose=0):
     """A `FineTuner` on a copy of `backbone`, trained on the labelled ImageSet
-    `train_set` (uint8 images of the backbone's input shape) for `epochs`.
+    `train_set` (uint8 images of the backbone's input shape) for `epochs` with
+    the FineTuneConfig `recipe`.
 
-    `learning_rate` is the head's peak rate (cosine decay to 0 over the run);
-    the backbone's is `learning_rate * backbone_lr_scale`. Batches are whole:
-    `batch_size` is capped at the number of images.
+    The head's rate decays from the recipe's `learning_rate` to 0 over the run
+    (cosine); the backbone's is `backbone_lr_scale` times it. Batches are
+    whole: the recipe's `batch_size` is capped at the number of images.
     """
     if train_set.labels is None:
         raise ValueError("fine-tuning needs labels; the training set has none")
     keras.utils.set_random_seed(seed)
-    batch_size = min(batch_size, len(train_set))
+    batch_size = min(recipe.batch_size, len(train_set))
     steps_per_epoch = len(train_set) // batch_size
     model = FineTuner(copy_model(backbone), num_classes or train_set.num_classes, seed=seed)
     schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate, max(1, epochs * steps_per_epoch))
-    model.compile(optimizer=finetune_optimizer(schedule, backbone_lr_scale, momentum,
-                                               weight_decay),
+        recipe.learning_rate, max(1, epochs * steps_per_epoch))
+    model.compile(optimizer=finetune_optimizer(schedule, recipe),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    augment = finetune_augmentation(train_set.image_shape[:2], crop_scale, flip, seed)
+    augment = finetune_augmentation(train_set.image_shape[:2], recipe, seed)
     batches = labelled_batches(train_set, batch_size, augment, seed)
     model.fit(batches, epochs=epochs, verbose=verbose, shuffle=False)
     return model
@@ -155,6 +179,6 @@ def finetune_accuracy(backbone, train_set, test_set, epochs, **kwargs):
     return float(np.mean(predict_classes(model, test_set) == test_set.labels))
 
 
-__all__ = ["FineTuner", "copy_model", "finetune", "finetune_accuracy",
+__all__ = ["FineTuneConfig", "FineTuner", "copy_model", "finetune", "finetune_accuracy",
            "finetune_augmentation", "finetune_optimizer", "labelled_batches",
            "predict_classes"]

@@ -6,6 +6,8 @@ import re
 import keras
 from keras import ops
 
+from simclic_tf import compat
+
 
 class ParameterGroup:
     """The variables whose `path` matches `pattern` (`re.search`) and how they
@@ -67,7 +69,7 @@ class GroupedSGD(keras.optimizers.SGD):
             for v in variables)
 
     def update_step(self, gradient, variable, learning_rate):
-        group = self._variable_groups[self._get_variable_index(variable)]
+        group = self._variable_groups[compat.variable_index(self, variable)]
         gradient = ops.cast(gradient, variable.dtype)
         if self.l2 and (group is None or group.decay):
             gradient = gradient + ops.cast(self.l2, variable.dtype) * variable

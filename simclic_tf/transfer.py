@@ -6,7 +6,7 @@ datasets, printed as one table of error rates beside the paper's.
         --datasets cifar10,cifar100,npz:PATH,dir:PATH [--data-dir DIR] \\
         [--linear-epochs N] [--finetune-epochs N] [--out DIR]
 
-Every dataset goes through `simclic_tf.data` (tensorflow-datasets names,
+Every dataset goes through `simclic_tf.sources` (tensorflow-datasets names,
 `dir:PATH`, `npz:PATH`, `digits`), resized to the encoder's input size and
 converted to its channel count. The test set is the dataset's own test split
 (else its validation split), else a held-out `--test-fraction` of the training
@@ -34,12 +34,15 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from simclic_tf import data
-from simclic_tf.cli import add_config_flag
-from simclic_tf.config import ConfigError, SimCLICConfig, flag
-from simclic_tf.data import DataError, ImageSet
+from simclic_tf import sources
+from simclic_tf.cli import add_knob_flags, flags_given
+from simclic_tf.config import ConfigError, SimCLICConfig, config_knob, flag
 from simclic_tf.evaluation import extract_features, linear_accuracy
+from simclic_tf.file_sources import TFDS
 from simclic_tf.finetune import finetune_accuracy
+from simclic_tf.images import ImageSet
+from simclic_tf.knobs import Knobs, knob
+from simclic_tf.sources import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +51,38 @@ logger = logging.getLogger(__name__)
 PAPER_DATASETS = ("cifar10", "cifar100", "caltech101", "cars196", "dtd", "oxford_flowers102",
                   "food101", "oxford_iiit_pet", "sun397", "voc/2007")
 
-# SimCLIC's own transfer error rates (%), {protocol: {column label: error}}.
-# They are not in the project's design card nor anywhere in its shared
-# folder, so they are left empty and shown as n/a: fill them in from the
-# paper (Yang and Li, JSSI 2023, Table 2) rather than guess.
-PAPER_ERRORS = {"linear": {}, "fine-tuned": {}}
+# SimCLIC's own transfer error rates (%), the SimCLIC rows of the paper's
+# Table 2 (Yang and Li, JSSI 2023; copied in ../shared/paper/simclic-tables.md),
+# {(perturbation, protocol): {column label: error}}. The columns are the labels
+# of PAPER_DATASETS, and "aircraft" (aircraft=dir:PATH). VOC2007 is as the paper
+# prints it (it reports mAP there; ours is "unsupported").
+PAPER_COLUMNS = ("aircraft", "caltech101", "cars196", "cifar10", "cifar100", "dtd",
+                 "oxford_flowers102", "food101", "oxford_iiit_pet", "sun397", "voc/2007")
+PAPER_ERRORS = {
+    (perturbation, protocol): dict(zip(PAPER_COLUMNS, errors))
+    for (perturbation, protocol), errors in {
+        ("history", "linear"):
+            (56.15, 12.12, 54.26, 5.97, 25.96, 26.40, 9.52, 28.76, 18.78, 40.18, 18.56),
+        ("dropout", "linear"):
+            (57.09, 12.35, 54.52, 6.00, 26.18, 27.02, 9.47, 29.82, 18.93, 40.61, 18.89),
+        ("noise", "linear"):
+            (55.86, 11.92, 53.89, 5.92, 25.65, 26.04, 9.50, 29.51, 18.75, 40.12, 18.55),
+        ("history", "fine-tuned"):
+            (22.86, 11.75, 19.56, 3.12, 19.65, 29.58, 4.86, 20.84, 17.46, 42.15, 21.21),
+        ("dropout", "fine-tuned"):
+            (22.24, 12.27, 20.12, 3.11, 20.48, 29.46, 5.68, 20.97, 17.79, 42.68, 21.86),
+        ("noise", "fine-tuned"):
+            (22.46, 11.72, 19.89, 2.94, 19.62, 28.92, 4.51, 21.18, 17.28, 42.38, 21.37),
+    }.items()
+}
 
-ROWS = (("ours linear", "ours", "linear"), ("ours fine-tuned", "ours", "fine-tuned"),
-        ("paper SimCLIC linear", "paper", "linear"),
-        ("paper SimCLIC fine-tuned", "paper", "fine-tuned"))
+# (title, whose, protocol): the paper's rows take their numbers from
+# PAPER_ERRORS[protocol], one row per perturbation the paper reports.
+ROWS = ((("ours linear", "ours", "linear"), ("ours fine-tuned", "ours", "fine-tuned"))
+        + tuple((f"paper SimCLIC {protocol} ({perturbation})", "paper",
+                 (perturbation, protocol))
+                for protocol in ("linear", "fine-tuned")
+                for perturbation in ("history", "dropout", "noise")))
 DATASETS_FLAG = "--datasets"
 
 
@@ -68,6 +94,30 @@ class Entry:
     label: str
     name: str
     reason: typing.Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig(Knobs):
+    """The settings of a transfer evaluation, `simclic transfer`'s flags. The
+    evaluation's knobs are the config's own (`config_knob`): they read and
+    check as in `simclic train`."""
+
+    encoder: str = knob(dataclasses.MISSING, "the pretrained encoder, RUN_DIR/encoder.keras")
+    datasets: str = knob(dataclasses.MISSING, "comma-separated: tensorflow-datasets names, "
+                         "dir:PATH, npz:PATH, digits, LABEL=NAME, or paper (the paper's list)")
+    data_dir: typing.Optional[str] = config_knob("data_dir")
+    linear_epochs: int = config_knob("linear_epochs")
+    finetune_epochs: int = config_knob("finetune_epochs")
+    test_fraction: float = config_knob("test_fraction")
+    seed: int = config_knob("seed")
+    out: typing.Optional[str] = knob(None, "output folder (default: transfer/ beside the "
+                                     "encoder)")
+
+    @property
+    def out_dir(self):
+        """Where the tables go: `out`, else transfer/ beside the encoder."""
+        return self.out or os.path.join(os.path.dirname(os.path.abspath(self.encoder)),
+                                        "transfer")
 
 
 def load_encoder(path):
@@ -111,10 +161,10 @@ def _entry(text, data_dir):
     if not equals or ":" in label or "/" in label:
         label, name = None, text
     try:
-        source, argument = data._resolve(name)
+        source, argument = sources.resolve(name)
     except DataError as error:
         raise DataError(f"{DATASETS_FLAG} {error}") from None
-    if isinstance(source, data.TFDS):
+    if isinstance(source, TFDS):
         label = label or name
         return Entry(label, name, _tfds_problem(argument, data_dir))
     if argument is not None and not os.path.exists(argument):
@@ -132,7 +182,7 @@ def _tfds_problem(name, data_dir):
     try:
         features = tfds.builder(name, data_dir=data_dir).info.features
     except Exception:  # DatasetNotFoundError, or not even a valid name
-        local = ", ".join(data.DATA_SOURCES.get(n).usage for n in data.DATA_SOURCES.names()
+        local = ", ".join(sources.DATA_SOURCES.get(n).usage for n in sources.DATA_SOURCES.names()
                           if n != "tfds")
         raise DataError(f"{DATASETS_FLAG} {name!r} is neither a local form ({local}) nor a "
                         "tensorflow-datasets name") from None
@@ -151,18 +201,18 @@ def load_split(name, image_shape, data_dir=None, test_fraction=0.2, seed=0):
     """(train, test, how the test set was formed) of dataset `name`, resized and
     converted to `image_shape` (height, width, channels), in memory (the
     transfer sets are small; their channels are converted as arrays)."""
-    source, argument = data._resolve(name)
+    source, argument = sources.resolve(name)
     size = tuple(image_shape[:2])
-    train = data.load_images(name, "train", data_dir, size, storage="memory")
+    train = sources.load_images(name, "train", data_dir, size, storage="memory")
     if train.labels is None:
         raise DataError(f"{DATASETS_FLAG} {name!r} has no labels; transfer needs them")
     split = source.test_split(argument, data_dir)
     if split:
-        test = data.load_images(name, split, data_dir, size, storage="memory")
+        test = sources.load_images(name, split, data_dir, size, storage="memory")
         how = f"its {split} split"
     else:
         config = SimCLICConfig(dataset=name, test_fraction=test_fraction, seed=seed)
-        train, test = data._hold_out(train, config)
+        train, test = sources.hold_out(train, config)
         how = (f"held out {test_fraction:g} of train (stratified, {flag('seed')} {seed})")
     channels = image_shape[-1]
     return _with_channels(train, channels), _with_channels(test, channels), how
@@ -181,32 +231,36 @@ def _with_channels(images, channels):
     return ImageSet(pixels, images.labels, images.class_names)
 
 
-def evaluate(encoder, train, test, linear_epochs, finetune_epochs, seed=0):
-    """{"linear_error", "finetune_error"} in %, None where the epochs are 0."""
+def evaluate(encoder, train, test, config):
+    """{"linear_error", "finetune_error"} in %, None where the TransferConfig
+    `config`'s epochs are 0."""
     num_classes = max(train.num_classes, int(test.labels.max()) + 1)
     results = {"linear_error": None, "finetune_error": None}
-    if linear_epochs:
+    if config.linear_epochs:
         accuracy = linear_accuracy(
             extract_features(encoder, train.images), train.labels,
             extract_features(encoder, test.images), test.labels, num_classes,
-            epochs=linear_epochs, seed=seed)
+            epochs=config.linear_epochs, seed=config.seed)
         results["linear_error"] = 100.0 * (1.0 - accuracy)
-    if finetune_epochs:
-        accuracy = finetune_accuracy(encoder, train, test, finetune_epochs, seed=seed)
+    if config.finetune_epochs:
+        accuracy = finetune_accuracy(encoder, train, test, config.finetune_epochs,
+                                     seed=config.seed)
         results["finetune_error"] = 100.0 * (1.0 - accuracy)
     return results
 
 
-def transfer(encoder, entries, data_dir=None, linear_epochs=100, finetune_epochs=0,
-             test_fraction=0.2, seed=0, out=None, encoder_path=None):
-    """Evaluates `encoder` on each Entry (see parse_datasets); returns the result
-    dict, and writes the tables to `out` after each dataset when it is given."""
+def transfer(config):
+    """Evaluates the encoder on each dataset as the TransferConfig `config`
+    says; returns the result dict, and writes the tables to `config.out_dir`
+    after each dataset, so that a failure keeps the columns already done."""
+    encoder = load_encoder(config.encoder)
+    entries = parse_datasets(config.datasets, config.data_dir)
     image_shape = tuple(encoder.input_shape[1:])
     results = {
-        "encoder": encoder_path,
+        "encoder": config.encoder,
         "input_shape": list(image_shape),
-        "settings": {"linear_epochs": linear_epochs, "finetune_epochs": finetune_epochs,
-                     "test_fraction": test_fraction, "seed": seed},
+        "settings": {name: getattr(config, name) for name in
+                     ("linear_epochs", "finetune_epochs", "test_fraction", "seed")},
         "datasets": {},
     }
     for entry in entries:
@@ -216,8 +270,8 @@ def transfer(encoder, entries, data_dir=None, linear_epochs=100, finetune_epochs
             logger.warning("%s: %s", entry.label, entry.reason)
         else:
             try:
-                train, test, how = load_split(entry.name, image_shape, data_dir,
-                                              test_fraction, seed)
+                train, test, how = load_split(entry.name, image_shape, config.data_dir,
+                                              config.test_fraction, config.seed)
             except DataError as error:
                 message = str(error)
                 if not message.startswith(DATASETS_FLAG):
@@ -225,14 +279,13 @@ def transfer(encoder, entries, data_dir=None, linear_epochs=100, finetune_epochs
                 raise DataError(message) from error
             row.update(status="ok", train_images=len(train), test_images=len(test),
                        num_classes=train.num_classes, test_set=how)
-            row.update(evaluate(encoder, train, test, linear_epochs, finetune_epochs, seed))
+            row.update(evaluate(encoder, train, test, config))
             logger.info("%s: %d train, %d test images (%s); linear error %s, "
                         "fine-tuned error %s", entry.label, len(train), len(test), how,
                         _cell(row["linear_error"], "not run"),
                         _cell(row["finetune_error"], "not run"))
         results["datasets"][entry.label] = row
-        if out:
-            write_tables(results, out)
+        write_tables(results, config.out_dir)
     return results
 
 
@@ -283,10 +336,9 @@ def markdown(results):
                          f"test set: {row['test_set']}")
         else:
             lines.append(f"- {label} (`{row['name']}`): {row['status']}: {row['reason']}")
-    if not any(PAPER_ERRORS.values()):
-        lines.append("- paper rows: n/a, SimCLIC's reported numbers are not in the "
-                     "project's design card (fill in `PAPER_ERRORS` in "
-                     "simclic_tf/transfer.py)")
+    lines.append("- paper rows: SimCLIC's own errors in the paper's Table 2 (Yang and Li, "
+                 "JSSI 2023; 1000 epochs of pretraining, backbone and pretraining set not "
+                 "stated), one row per perturbation; n/a where the paper has no such column")
     return "\n".join(lines) + "\n"
 
 
@@ -305,32 +357,18 @@ SUMMARY = "linear and fine-tuned transfer of an exported encoder to other datase
 
 
 def add_arguments(parser):
-    parser.add_argument("--encoder", required=True,
-                        help="the pretrained encoder, RUN_DIR/encoder.keras")
-    parser.add_argument(DATASETS_FLAG, required=True,
-                        help="comma-separated: tensorflow-datasets names, dir:PATH, npz:PATH, "
-                             "digits, LABEL=NAME, or paper (the paper's list)")
-    for name in ("data_dir", "linear_epochs", "finetune_epochs", "test_fraction", "seed"):
-        add_config_flag(parser, name, default=getattr(SimCLICConfig, name))
-    parser.add_argument("--out", help="output folder (default: transfer/ beside the encoder)")
+    add_knob_flags(parser, TransferConfig)
 
 
 def command(args, parser):
     """`simclic transfer`: writes and prints the table; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        # Checks the ranges, with errors that name the flag.
-        SimCLICConfig(linear_epochs=args.linear_epochs, finetune_epochs=args.finetune_epochs,
-                      test_fraction=args.test_fraction, seed=args.seed)
-        encoder = load_encoder(args.encoder)
-        entries = parse_datasets(args.datasets, args.data_dir)
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.encoder)),
-                                       "transfer")
-        results = transfer(encoder, entries, args.data_dir, args.linear_epochs,
-                           args.finetune_epochs, args.test_fraction, args.seed, out,
-                           encoder_path=args.encoder)
+        config = TransferConfig(**flags_given(args, TransferConfig))
+        results = transfer(config)
     except (ConfigError, DataError) as error:
         parser.error(str(error))
     print(markdown(results))
-    print(f"written: {os.path.join(out, 'transfer.md')}, transfer.csv, transfer.json")
+    print(f"written: {os.path.join(config.out_dir, 'transfer.md')}, transfer.csv, "
+          "transfer.json")
     return 0

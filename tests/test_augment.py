@@ -8,8 +8,8 @@ import tensorflow as tf
 from simclic_tf import SimCLICConfig
 from simclic_tf.augment import (
     ParallelSafeSeedGenerator, RandomApply, RandomResizedCrop, build_augmentation)
-from simclic_tf.data import ImageSet
-from simclic_tf.run import pretrain_inputs
+from simclic_tf.images import ImageSet
+from simclic_tf.training import pretrain_inputs
 
 
 def random_images(n, size=32, channels=3, seed=0):

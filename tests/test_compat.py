@@ -3,6 +3,7 @@ wrapper works on the installed versions (so an upgrade that changes one
 fails here, by name), and a missing attribute is a CompatError that names
 it and the versions, not an AttributeError deep in a training step."""
 
+import os
 import subprocess
 import sys
 
@@ -113,9 +114,62 @@ def test_xla_and_stateless_scope_probes():
         assert compat.in_stateless_scope()
 
 
+def test_variable_index_finds_the_variable_update_step_is_given():
+    variables = [keras.Variable(np.zeros(2, "float32")), keras.Variable(np.zeros(3, "float32"))]
+    optimizer = keras.optimizers.SGD()
+    optimizer.build(variables)
+    # update_step gets the backend's variable (`.value` here), not the Keras one.
+    assert [compat.variable_index(optimizer, v.value) for v in variables] == [0, 1]
+    assert compat.variable_index(optimizer, variables[1]) == 1
+
+
+class CountingSeedGenerator(keras.random.SeedGenerator):
+    """A SeedGenerator that counts the seeds it gives."""
+    calls = 0
+
+    def next(self, ordered=True):
+        CountingSeedGenerator.calls += 1
+        return super().next(ordered)
+
+
+def test_use_seed_generator_makes_a_preprocessing_layer_draw_from_it():
+    layer = keras.layers.RandomFlip("horizontal", seed=3)
+    generator = CountingSeedGenerator(3)
+    assert compat.use_seed_generator(layer, generator) is layer
+    layer(np.zeros((2, 4, 4, 1), "float32"), training=True)
+    assert CountingSeedGenerator.calls >= 1
+
+
+def test_started_and_running_trials_of_an_oracle(tmp_path):
+    import keras_tuner
+
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("x", [1, 2, 3])
+    oracle = keras_tuner.RandomSearch(
+        hypermodel=lambda hp: None, objective=keras_tuner.Objective("score", "max"),
+        max_trials=3, hyperparameters=hp, directory=tmp_path).oracle
+    assert compat.started_trials(oracle) == [] and not compat.has_running_trials(oracle)
+    first, second = oracle.create_trial("a"), oracle.create_trial("b")
+    assert compat.started_trials(oracle) == [first, second]
+    for trial in (first, second):
+        oracle.update_trial(trial.trial_id, {"score": 1.0})
+        trial.status = keras_tuner.engine.trial.TrialStatus.COMPLETED
+        assert compat.has_running_trials(oracle)
+        oracle.end_trial(trial)
+    assert not compat.has_running_trials(oracle)
+    del oracle.start_order
+    with pytest.raises(CompatError, match=r"start_order \(private API\).*keras-tuner "
+                       rf"{keras_tuner.__version__}"):
+        compat.started_trials(oracle)
+
+
 @pytest.mark.parametrize("owner, name, call", [
     (keras.Model, "_maybe_symbolic_build", compat.check_prebuilt_model),
     (keras.layers.Layer, "_flatten_layers", lambda: compat.all_layers(nested_model())),
+    (keras.optimizers.SGD, "_get_variable_index",
+     lambda: compat.variable_index(keras.optimizers.SGD(), None)),
+    (keras.layers.RandomFlip, "_get_seed_generator",
+     lambda: compat.use_seed_generator(keras.layers.RandomFlip(), None)),
 ])
 def test_a_private_api_gone_is_a_compat_error_naming_it(monkeypatch, owner, name, call):
     owner = next(cls for cls in owner.__mro__ if name in vars(cls))  # where it is defined
@@ -142,3 +196,15 @@ def test_tensorflow_start_up_lines_are_filtered_and_the_rest_kept():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "a real warning\n"
+
+
+def test_a_cpu_run_does_not_print_tensorflows_failed_cuinit_line():
+    """TensorFlow logs an E-level 'failed call to cuInit' the first time it
+    looks for a GPU on a machine with none: every command (it imports
+    simclic_tf) runs ops without that line reaching the terminal."""
+    code = ("import simclic_tf, tensorflow as tf\n"
+            "print(float(tf.reduce_sum(tf.ones(3))), tf.config.list_logical_devices('CPU'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("3.0") and "cuInit" not in result.stderr, result.stderr

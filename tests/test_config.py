@@ -1,9 +1,15 @@
+import functools
 import json
+import os
 
+import numpy as np
 import pytest
 
 from simclic_tf import ConfigError, SimCLICConfig
 from simclic_tf.config import RECIPE_DIR, derive_pred_lr_scale, recipe_names
+from simclic_tf.finetune import FineTuneConfig
+from simclic_tf.transfer import TransferConfig
+from simclic_tf.tuning.search import Search
 
 
 def test_defaults_are_the_small_image_recipe():
@@ -72,3 +78,42 @@ def test_unknown_keys_in_a_config_file_are_named(tmp_path):
     (tmp_path / "config.json").write_text('{"batch": 3}')
     with pytest.raises(ConfigError, match="batch"):
         SimCLICConfig.load(tmp_path / "config.json")
+
+
+
+SEARCH = functools.partial(Search, SimCLICConfig())
+TRANSFER = functools.partial(TransferConfig, encoder="runs/a/encoder.keras", datasets="digits")
+
+
+@pytest.mark.parametrize("make, changes, names", [
+    (SEARCH, {"ablation": "loss", "val_fraction": 0.95},
+     ["--val-fraction 0.95 is out of range", "0.01 to 0.9"]),
+    (SEARCH, {"ablation": "loss", "max_trials": 0}, ["--max-trials 0 is out of range"]),
+    (SEARCH, {"ablation": "loss", "tune": ["momentum"]},
+     ["--tune 'momentum' is not accepted", "base_lr, weight_decay"]),
+    (SEARCH, {"ablation": "blur"}, ["--ablation 'blur' is not accepted", "predictor"]),
+    (TRANSFER, {"test_fraction": 0.0}, ["--test-fraction 0.0 is out of range", "0.01 to 0.9"]),
+    (TRANSFER, {"linear_epochs": -1}, ["--linear-epochs -1 is out of range", "0 to 100000"]),
+    (TRANSFER, {"encoder": None}, ["--encoder None is not accepted; expected a string"]),
+    (FineTuneConfig, {"backbone_lr_scale": -0.5},
+     ["--backbone-lr-scale -0.5 is out of range", "0.0 to 1000.0"]),
+    (FineTuneConfig, {"crop_min_scale": 1.5}, ["--crop-min-scale 1.5 is out of range"]),
+])
+def test_the_other_settings_reject_bad_values_naming_the_flag(make, changes, names):
+    """The search's, transfer's and fine-tuning's settings are checked as the
+    config is (knobs.Knobs), with the same messages."""
+    with pytest.raises(ConfigError) as error:
+        make(**changes)
+    for name in names:
+        assert name in str(error.value)
+
+
+def test_the_other_settings_hold_python_values_and_share_the_configs_knobs():
+    search = SEARCH(ablation="loss", tune=["base_lr"], max_trials=np.int64(3))
+    assert search.tune == ("base_lr",) and type(search.max_trials) is int
+    transfer = TRANSFER(seed=3)
+    assert (transfer.linear_epochs, transfer.test_fraction) == (
+        SimCLICConfig().linear_epochs, SimCLICConfig().test_fraction)
+    assert transfer.out_dir == os.path.abspath("runs/a/transfer")
+    assert FineTuneConfig(batch_size=64).replace(flip=False) == FineTuneConfig(
+        batch_size=64, flip=False)

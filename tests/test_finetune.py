@@ -9,17 +9,17 @@ import pytest
 import tensorflow as tf
 
 from simclic_tf.commands import train
-from simclic_tf import data
+from simclic_tf import sources
 from simclic_tf.backbones import build_backbone
 from simclic_tf.config import SimCLICConfig
-from simclic_tf.finetune import (FineTuner, copy_model, finetune, finetune_optimizer,
-                                 predict_classes)
+from simclic_tf.finetune import (FineTuneConfig, FineTuner, copy_model, finetune,
+                                 finetune_optimizer, predict_classes)
 from simclic_tf.optimizers import GroupedSGD
 
 
 @pytest.fixture(scope="module")
 def digits_split():
-    return data._hold_out(data.load_images("digits"), SimCLICConfig())
+    return sources.hold_out(sources.load_images("digits"), SimCLICConfig())
 
 
 def tiny_backbone(shape=(8, 8, 1), seed=0):
@@ -31,7 +31,7 @@ def test_finetuning_beats_chance_and_leaves_the_backbone_unchanged(digits_split)
     train_set, test_set = digits_split
     backbone = tiny_backbone()
     before = [w.copy() for w in backbone.get_weights()]
-    model = finetune(backbone, train_set, epochs=3, batch_size=64)
+    model = finetune(backbone, train_set, epochs=3, recipe=FineTuneConfig(batch_size=64))
     accuracy = np.mean(predict_classes(model, test_set.images) == test_set.labels)
     assert accuracy > 0.4  # chance is 0.1; about 0.65 for this budget
     after = backbone.get_weights()
@@ -47,8 +47,8 @@ def test_the_backbone_learns_at_its_fraction_of_the_head_rate(scale):
     lr, decay = 0.1, 1e-3
     model = FineTuner(copy_model(tiny_backbone()), 10, seed=0)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=finetune_optimizer(lr, backbone_lr_scale=scale, weight_decay=decay),
-                  loss=loss)
+    recipe = FineTuneConfig(backbone_lr_scale=scale, weight_decay=decay)
+    model.compile(optimizer=finetune_optimizer(lr, recipe), loss=loss)
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(32, 8, 8, 1)).astype("float32")
     labels = rng.integers(0, 10, 32)
@@ -75,7 +75,7 @@ def test_the_backbone_learns_at_its_fraction_of_the_head_rate(scale):
 
 def test_a_compiled_finetuner_saves_and_loads_with_its_optimizer(tmp_path):
     model = FineTuner(tiny_backbone(), 10, seed=0)
-    model.compile(optimizer=finetune_optimizer(0.1, backbone_lr_scale=0.2),
+    model.compile(optimizer=finetune_optimizer(0.1, FineTuneConfig(backbone_lr_scale=0.2)),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(4, 8, 8, 1)).astype("float32")
@@ -90,6 +90,7 @@ def test_a_compiled_finetuner_saves_and_loads_with_its_optimizer(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.e2e
 def test_the_cli_reports_fine_tuned_errors(tmp_path):
     run_dir = tmp_path / "run"
     argv = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",

@@ -164,15 +164,25 @@ def test_keras_variables(mode, dtype):
     np.testing.assert_array_equal(visits.numpy(), ref_visits)
 
 
-def test_keras_variable_under_autocast_and_stateless_scope():
-    from keras.src.backend.common.variables import AutocastScope
+class MixedPrecisionExchange(keras.layers.Layer):
+    """Runs the exchange inside a mixed_float16 layer's call, where Keras
+    autocasts the float32 variables it reads: `.value` is a float16 copy."""
 
+    def __init__(self, bank, visits):
+        super().__init__(dtype="mixed_float16")
+        self.bank, self.visits = bank, visits
+
+    def call(self, unused):
+        assert self.bank.value.dtype == tf.float16
+        history_exchange(self.bank, self.visits, [1], np.full((1, 3), 0.1, np.float32))
+        return unused
+
+
+def test_keras_variable_under_autocast_and_stateless_scope():
     bank = keras.Variable(np.zeros((5, 3), np.float32))
     visits = keras.Variable(np.zeros(5, np.int32), dtype="int32", trainable=False)
-    # Mixed precision: `.value` is a float16 copy here; the bank is still
-    # updated in place, in float32.
-    with AutocastScope("float16"):
-        history_exchange(bank, visits, [1], np.full((1, 3), 0.1, np.float32))
+    # Mixed precision: the bank is still updated in place, in float32.
+    MixedPrecisionExchange(bank, visits)(np.zeros(1, np.float32))
     assert bank.dtype == "float32"
     np.testing.assert_array_equal(bank.numpy()[1], np.float32(0.1))
     with keras.StatelessScope():

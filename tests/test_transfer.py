@@ -16,8 +16,14 @@ from simclic_tf.backbones import build_backbone
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_IMAGENET = SHARED_DATA / "tinyimagenet200_val.npz"
 transfer_command = command("transfer")
-ROW_TITLES = ["ours linear", "ours fine-tuned", "paper SimCLIC linear",
-              "paper SimCLIC fine-tuned"]
+PAPER_TABLES = Path(__file__).resolve().parents[2] / "shared" / "paper" / "simclic-tables.md"
+PERTURBATIONS = ["history", "dropout", "noise"]
+ROW_TITLES = (["ours linear", "ours fine-tuned"]
+              + [f"paper SimCLIC linear ({p})" for p in PERTURBATIONS]
+              + [f"paper SimCLIC fine-tuned ({p})" for p in PERTURBATIONS])
+# The paper's Table 2, CIFAR10 column (../shared/paper/simclic-tables.md):
+# linear error of history, dropout, noise, then fine-tuned error of the three.
+PAPER_CIFAR10 = ["5.97", "6.00", "5.92", "3.12", "3.11", "2.94"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +39,7 @@ def read_csv(out):
         return list(csv.reader(f))
 
 
+@pytest.mark.e2e
 def test_tfds_names_under_mock_data(tmp_path, encoder_path, capsys, mock_tfds):
     out = tmp_path / "out"
     with mock_tfds(num_examples=200):
@@ -46,8 +53,10 @@ def test_tfds_names_under_mock_data(tmp_path, encoder_path, capsys, mock_tfds):
     assert [row[0] for row in rows[1:]] == ROW_TITLES
     for row in rows[1:3]:  # ours: numbers
         assert all(0.0 <= float(cell) <= 100.0 for cell in row[1:])
-    for row in rows[3:]:  # the paper's numbers are not in the design card
-        assert row[1:] == ["n/a"] * 3
+    # The paper's rows: its Table 2 for cifar10, n/a for columns it does not have.
+    assert [row[1] for row in rows[3:]] == PAPER_CIFAR10
+    for row in rows[3:]:
+        assert row[2:] == ["n/a"] * 2
     results = json.loads((out / "transfer.json").read_text())
     assert results["input_shape"] == [8, 8, 3]
     assert results["table"]["rows"] == rows[1:]
@@ -55,7 +64,9 @@ def test_tfds_names_under_mock_data(tmp_path, encoder_path, capsys, mock_tfds):
     assert cifar["train_images"] + cifar["test_images"] == 200  # mock: one split, held out
     assert results["datasets"]["hand"]["name"] == "digits"
     markdown = (out / "transfer.md").read_text()
-    assert "| ours fine-tuned |" in markdown and "| paper SimCLIC linear |" in markdown
+    assert "| ours fine-tuned |" in markdown
+    # The paper's CIFAR-10 linear error with history, from its Table 2.
+    assert "| paper SimCLIC linear (history) | 5.97 | n/a | n/a |" in markdown
     assert "| error % | cifar10 | mnist | hand |" in capsys.readouterr().out
 
 
@@ -88,17 +99,41 @@ def test_npz_with_a_fixed_seed_split_and_voc_marked_unsupported(tmp_path, encode
     assert "multi-label" in (out / "transfer.md").read_text()
 
 
-def test_the_paper_rows_show_the_paper_numbers_when_filled_in(monkeypatch):
-    monkeypatch.setattr(transfer, "PAPER_ERRORS", {"linear": {"cifar10": 12.5},
-                                                   "fine-tuned": {}})
+def test_the_paper_rows_show_the_papers_table_2():
     results = {"datasets": {
         "cifar10": {"status": "ok", "linear_error": 40.0, "finetune_error": None},
-        "dtd": {"status": "ok", "linear_error": 70.25, "finetune_error": 60.0}}}
+        "mine": {"status": "ok", "linear_error": 70.25, "finetune_error": 60.0}}}
     header, rows = transfer.table(results)
-    assert header == ["error %", "cifar10", "dtd"]
-    assert rows == [["ours linear", "40.00", "70.25"], ["ours fine-tuned", "not run", "60.00"],
-                    ["paper SimCLIC linear", "12.50", "n/a"],
-                    ["paper SimCLIC fine-tuned", "n/a", "n/a"]]
+    assert header == ["error %", "cifar10", "mine"]
+    assert rows[:2] == [["ours linear", "40.00", "70.25"],
+                        ["ours fine-tuned", "not run", "60.00"]]
+    assert [row[0] for row in rows] == ROW_TITLES
+    assert [row[1] for row in rows[2:]] == PAPER_CIFAR10
+    assert all(row[2] == "n/a" for row in rows[2:])
+    # Every column label of PAPER_ERRORS is one the table can have: a name of
+    # the paper's list, or aircraft (aircraft=dir:PATH).
+    for errors in transfer.PAPER_ERRORS.values():
+        assert set(errors) == set(transfer.PAPER_DATASETS) | {"aircraft"}
+
+
+def test_the_paper_numbers_match_the_shared_tables_file():
+    if not PAPER_TABLES.exists():
+        pytest.skip(f"{PAPER_TABLES} not found: the shared folder must sit beside the repo")
+    text = PAPER_TABLES.read_text()
+    columns = {"Aircraft": "aircraft", "Caltech101": "caltech101", "Cars": "cars196",
+               "CIFAR10": "cifar10", "CIFAR100": "cifar100", "DTD": "dtd",
+               "Flowers": "oxford_flowers102", "Food": "food101", "Pets": "oxford_iiit_pet",
+               "SUN397": "sun397", "VOC2007": "voc/2007"}
+    for protocol, title in (("linear", "linear evaluation error"),
+                            ("fine-tuned", "fine-tuned error")):
+        section = text[text.index(f"SimCLIC rows: {title}"):]
+        lines = [line for line in section.splitlines() if line.startswith("|")]
+        header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+        for line in lines[2:5]:
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            paper = transfer.PAPER_ERRORS[(cells[0], protocol)]
+            assert {columns[name]: float(value) for name, value
+                    in zip(header[1:], cells[1:])} == paper
 
 
 @pytest.mark.parametrize("argv, words", [

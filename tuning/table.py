@@ -14,6 +14,7 @@ import csv
 import math
 import os
 
+from simclic_tf import compat
 from simclic_tf.report import error_percent
 from simclic_tf.tuning.hypermodel import objective_name
 
@@ -53,11 +54,10 @@ def collapsed(record, monitor):
 def trial_records(oracle):
     """Records of every trial the oracle has started, in start order."""
     records = []
-    for trial_id in oracle.start_order:
-        trial = oracle.trials[trial_id]
+    for trial in compat.started_trials(oracle):
         metrics = {name: trial.metrics.get_last_value(name)
                    for name in trial.metrics.metrics}
-        records.append({"trial_id": trial_id, "status": str(trial.status),
+        records.append({"trial_id": trial.trial_id, "status": str(trial.status),
                         "values": dict(trial.hyperparameters.values), "metrics": metrics})
     return records
 
