@@ -41,14 +41,15 @@ def peak_rss_mib():
 
 def measure_pipeline(folder, size, storage, args):
     """{load_s, images_per_s, peak_rss_mib, storage} of one pipeline."""
-    from simclic_tf import augment, data
+    from simclic_tf import augment, pipelines, sources
 
     start = time.time()
-    images = data.load_images(f"dir:{folder}", image_size=size, storage=storage)
+    images = sources.load_images(f"dir:{folder}", image_size=size, storage=storage)
     loaded = time.time() - start
     augmentation = augment.build_augmentation((size, size), 3, seed=0)
-    batches = iter(data.pretrain_dataset(images, args.batch_size, 2, augmentation, seed=0,
-                                         epochs=1, steps_per_epoch=args.warmup + args.batches))
+    batches = iter(pipelines.pretrain_dataset(
+        images, args.batch_size, 2, augmentation, seed=0, epochs=1,
+        steps_per_epoch=args.warmup + args.batches))
     for _ in range(args.warmup):
         next(batches)
     start = time.time()

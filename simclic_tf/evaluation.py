@@ -7,7 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from simclic_tf.data import eval_dataset
+from simclic_tf.pipelines import eval_dataset
 from simclic_tf.finetune import finetune_accuracy
 
 

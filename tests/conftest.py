@@ -1,6 +1,6 @@
 import pytest
 
-from simclic_tf import data
+from simclic_tf import file_sources
 
 
 @pytest.fixture
@@ -9,5 +9,5 @@ def mock_tfds(monkeypatch):
     answered "reachable": a mocked dataset is never prepared, so the real
     check would fail on an offline machine although nothing is downloaded."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "unreachable", lambda address: None)
+    monkeypatch.setattr(file_sources, "unreachable", lambda address: None)
     return tfds.testing.mock_data

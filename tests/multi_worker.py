@@ -61,23 +61,23 @@ def main():
     tf.debugging.disable_traceback_filtering()
     import numpy as np
 
-    from simclic_tf import augment, data
+    from simclic_tf import augment, pipelines, sources
     from simclic_tf.config import SimCLICConfig
-    from simclic_tf.run import build_model
+    from simclic_tf.training import build_model
 
     config = SimCLICConfig(dataset="digits", backbone="tiny_convnet", width=4, proj_dim=16,
                            pred_hidden=8, batch_size=32, epochs=1, sync_bn=True, kernel_impl="tf",
                            strategy="multi_worker", bank_layout=args.bank_layout)
     keras.utils.set_random_seed(config.seed)
-    train_set, _ = data.load_train_and_eval(config)
+    train_set, _ = sources.load_train_and_eval(config)
     if args.fixed_batches:
         pretrain = fixed_batches(len(train_set), train_set.image_shape, args.steps,
                                  config.batch_size, config.seed)
     else:
         augmentation = augment.build_augmentation(
             train_set.images.shape[1:3], train_set.images.shape[-1], seed=config.seed)
-        pretrain = data.pretrain_dataset(train_set.images, config.batch_size, config.views,
-                                         augmentation, seed=config.seed).take(args.steps)
+        pretrain = pipelines.pretrain_dataset(train_set.images, config.batch_size, config.views,
+                                              augmentation, seed=config.seed).take(args.steps)
     model = build_model(config, train_set, strategy)
     losses = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: losses.append(

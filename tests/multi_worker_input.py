@@ -1,7 +1,7 @@
 """Helper of tests/test_distribute.py: one worker of a MultiWorkerMirroredStrategy
 cluster (TF_CONFIG; without it, one worker on the default strategy) pretrains
 the tiny model on digits for --epochs whole epochs through `simclic train`'s
-input (`run.pretrain_inputs`), recording the indices of every batch its
+input (`training.pretrain_inputs`), recording the indices of every batch its
 replica trains on, and saves them with its history visit counts to OUT.npz.
 
     TF_CONFIG=... python tests/multi_worker_input.py OUT.npz [--epochs 2]
@@ -29,10 +29,10 @@ def main():
     import numpy as np
     import tensorflow as tf
 
-    from simclic_tf import data
+    from simclic_tf import sources
     from simclic_tf.config import SimCLICConfig
     from simclic_tf.model import SimCLIC
-    from simclic_tf.run import build_model, pretrain_inputs
+    from simclic_tf.training import build_model, pretrain_inputs
 
     trained = []
     train_step = SimCLIC.train_step
@@ -48,7 +48,7 @@ def main():
                            pred_hidden=8, batch_size=32, epochs=args.epochs, kernel_impl="tf",
                            strategy="multi_worker", jit=False)
     keras.utils.set_random_seed(config.seed)
-    train_set, _ = data.load_train_and_eval(config)
+    train_set, _ = sources.load_train_and_eval(config)
     _, pretrain = pretrain_inputs(config, train_set, strategy)
     model = build_model(config, train_set, strategy)
     model.fit(pretrain, epochs=config.epochs, steps_per_epoch=config.epoch_steps(len(train_set)),

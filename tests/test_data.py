@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclic_tf import data as data_module
+from simclic_tf import file_sources, pipelines, shapes, sources
 from simclic_tf.augment import build_augmentation
-from simclic_tf.config import SimCLICConfig
-from simclic_tf.data import (
-    DataError, eval_dataset, load_images, load_train_and_eval, pretrain_dataset)
+from simclic_tf.config import ConfigError, SimCLICConfig
+from simclic_tf.pipelines import eval_dataset, pretrain_dataset
+from simclic_tf.sources import DataError, load_images, load_train_and_eval
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLASSES = ("airplane", "cat", "ship")
@@ -87,7 +87,7 @@ def test_shapes_classes_differ_in_form_not_in_brightness():
     brightness = data.images.reshape(3000, -1).mean(axis=1)
     class_means = [brightness[data.labels == k].mean() for k in range(10)]
     assert np.ptp(class_means) < brightness.std()
-    masks = data_module.shape_masks(*np.meshgrid(np.linspace(-1, 1, 33), np.linspace(-1, 1, 33)))
+    masks = shapes.shape_masks(*np.meshgrid(np.linspace(-1, 1, 33), np.linspace(-1, 1, 33)))
     flat = np.array([mask.ravel() for mask in masks])
     assert len({row.tobytes() for row in flat}) == 10  # ten distinct silhouettes
 
@@ -180,7 +180,7 @@ def test_dir_pixels_match_the_shared_decoded_copy(cifar_dir):
 def test_dir_skips_and_counts_corrupt_files(cifar_copy, caplog):
     (cifar_copy / "cat" / "x.jpg").write_bytes(b"not an image at all")
     (cifar_copy / "cat" / "notes.txt").write_text("ignored by extension")
-    with caplog.at_level(logging.WARNING, logger="simclic_tf.data"):
+    with caplog.at_level(logging.WARNING, logger="simclic_tf.sources"):
         data = load_images(f"dir:{cifar_copy}")
     assert len(data) == 3 * PER_CLASS
     np.testing.assert_array_equal(data.labels, np.repeat([0, 1, 2], PER_CLASS))
@@ -238,7 +238,7 @@ def test_tfds_download_failure_says_how_to_get_the_data(tmp_path, monkeypatch):
     def failed(*args, **kwargs):
         raise ConnectionError("network is unreachable")
 
-    monkeypatch.setattr(data_module, "unreachable", lambda address: None)
+    monkeypatch.setattr(file_sources, "unreachable", lambda address: None)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", failed)
     with pytest.raises(DataError) as error:
         load_images("cifar10", data_dir=str(tmp_path))
@@ -258,8 +258,8 @@ def test_tfds_offline_fails_before_trying_to_download(tmp_path, monkeypatch):
     def no_network(address, timeout):
         raise OSError(f"[Errno -2] Name or service not known: {address[0]}")
 
-    monkeypatch.setattr(data_module.socket, "create_connection", no_network)
-    for variable in data_module.PROXY_VARIABLES:
+    monkeypatch.setattr(file_sources.socket, "create_connection", no_network)
+    for variable in file_sources.PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     with pytest.raises(DataError, match="cannot reach storage.googleapis.com: .*Name or "
                                         "service not known.*tfds build cifar10"):
@@ -271,13 +271,13 @@ def test_with_a_proxy_only_the_download_can_tell(monkeypatch):
     def no_direct_route(address, timeout):
         raise OSError("direct connections are blocked")
 
-    monkeypatch.setattr(data_module.socket, "create_connection", no_direct_route)
-    for variable in data_module.PROXY_VARIABLES:
+    monkeypatch.setattr(file_sources.socket, "create_connection", no_direct_route)
+    for variable in file_sources.PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
-    assert "direct connections are blocked" in data_module.unreachable(
-        data_module.DOWNLOAD_HOST)
+    assert "direct connections are blocked" in file_sources.unreachable(
+        file_sources.DOWNLOAD_HOST)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    assert data_module.unreachable(data_module.DOWNLOAD_HOST) is None
+    assert file_sources.unreachable(file_sources.DOWNLOAD_HOST) is None
 
 
 def test_unknown_name_is_neither_local_nor_tfds(tmp_path):
@@ -438,7 +438,7 @@ def test_a_tf_data_dataset_of_images_feeds_pretraining_with_stable_indices():
     keras.utils.set_random_seed(0)  # as a run does: the order must not depend on it
     images = load_images("digits").images[:300]
     stream = images_as_stream(images)
-    assert data_module.dataset_size(stream) == 300
+    assert pipelines.dataset_size(stream) == 300
     batches = pretrain_dataset(stream, 64, 2, augment=lambda batch: batch, seed=0,
                                shuffle_buffer=100, epochs=3)
     for (first, second), indices in batches:
@@ -506,6 +506,100 @@ def test_a_streamed_file_that_does_not_decode_is_skipped_in_pretraining_not_in_e
         list(streamed.batches(16))
 
 
+def png_folder(root, per_class=12, classes=("a", "b"), empty=None):
+    """dir: layout of random 8x8 PNGs, plus a 0-byte `empty` file (a path
+    inside it) when given."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            (root / name / f"{i:02d}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    if empty:
+        (root / empty).write_bytes(b"")
+    return root
+
+
+def tiny_run_flags(run_dir):
+    return ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "16",
+            "--pred-hidden", "8", "--batch-size", "4", "--epochs", "2", "--knn-k", "5",
+            "--knn-every", "0", "--linear-epochs", "0", "--kernel-impl", "tf",
+            "--data-storage", "stream", "--run-dir", str(run_dir)]
+
+
+def test_streamed_pretraining_skips_a_file_in_its_own_batch_every_pass(tmp_path):
+    """A 0-byte file shortens the batch that holds it, and only that one, on
+    every pass: more passes than a batch holds do not end the pipeline short
+    of its stated length, and replicas keep their slices."""
+    streamed = load_images(f"dir:{png_folder(tmp_path, empty='a/05x.png')}", storage="stream")
+    bad = list(streamed.paths).index(str(tmp_path / "a" / "05x.png"))
+    whole = numbered_images(len(streamed))
+    context = tf.distribute.InputContext(num_replicas_in_sync=2)
+    for kwargs in ({}, {"input_context": context}):
+        read = [i.numpy().tolist() for _, i in pretrain_dataset(
+            streamed, 4, 1, tf.identity, epochs=8, **kwargs)]
+        expected = [i.numpy().tolist() for _, i in pretrain_dataset(
+            whole, 4, 1, tf.identity, epochs=8, **kwargs)]
+        assert read == [[i for i in batch if i != bad] for batch in expected]
+        assert sum(batch.count(bad) for batch in expected) >= 4  # a batch's worth
+
+
+@pytest.mark.e2e
+def test_a_streamed_training_set_leaves_out_files_that_do_not_decode_with_one_warning(
+        tmp_path, caplog, capsys):
+    """`simclic train --data-storage stream` on a labelled folder with a 0-byte
+    file: warned about once, left out of pretraining and of the kNN memory
+    (the labelled training set), and the run ends."""
+    from simclic_tf.commands import train
+
+    folder = png_folder(tmp_path / "set", empty="a/05x.png")
+    with caplog.at_level(logging.WARNING, logger="simclic_tf.sources"):
+        assert train(["--dataset", f"dir:{folder}", "--test-fraction", "0.25",
+                      *tiny_run_flags(tmp_path / "run")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "simclic_tf.sources"]
+    assert len(warnings) == 1
+    assert "skipped 1 of 25 image files" in warnings[0] and "05x.png" in warnings[0]
+    assert "training 18 images" in capsys.readouterr().out  # 24 decode: 6 held out
+    assert (tmp_path / "run" / "report.json").exists()
+
+
+def test_a_streamed_evaluation_set_with_a_file_that_does_not_decode_is_refused(
+        tmp_path, capsys):
+    """Refused while loading the data, before the run directory is written,
+    with the file, the flags and what to do."""
+    from simclic_tf.commands import train
+
+    train_folder = png_folder(tmp_path / "train")
+    eval_folder = png_folder(tmp_path / "eval", per_class=4, empty="b/bad.png")
+    with pytest.raises(SystemExit):
+        train(["--dataset", f"dir:{train_folder}", "--eval-dataset", f"dir:{eval_folder}",
+               *tiny_run_flags(tmp_path / "run")])
+    message = capsys.readouterr().err
+    for words in ["--eval-dataset", "1 of its 9 image files do not decode",
+                  str(eval_folder / "b" / "bad.png"), "remove or fix",
+                  "--data-storage memory"]:
+        assert words in message
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_undecodable_files_are_found_from_their_first_bytes(tmp_path):
+    """Only a file that is empty or does not begin as an image is decoded."""
+    folder = png_folder(tmp_path, per_class=2, classes=("a",), empty="a/0.png")
+    (folder / "a" / "1.jpg").write_bytes(b"not an image at all")
+    (folder / "a" / "2.png").write_bytes(tf.io.encode_jpeg(np.zeros((4, 4, 3), np.uint8)).numpy())
+    streamed = load_images(f"dir:{folder}", storage="stream")
+    names = [Path(streamed.paths[i]).name for i in streamed.undecodable()]
+    assert names == ["0.png", "1.jpg"]  # a JPEG named .png decodes
+    assert len(load_images("digits").undecodable()) == 0
+
+
+def test_a_knn_bank_smaller_than_the_class_count_names_the_flag():
+    with pytest.raises(ConfigError, match=r"^--knn-bank-size 5 .* 10 classes.*accepted: 10 "):
+        load_train_and_eval(SimCLICConfig(dataset="digits", knn_bank_size=5))
+    train, _ = load_train_and_eval(SimCLICConfig(dataset="digits", knn_bank_size=10))
+    assert len(train) == 1437
+
+
 def test_an_uncompressed_npz_is_memory_mapped_and_a_compressed_one_read(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (50, 6, 5, 3), dtype=np.uint8)
     labels = np.arange(50) % 5
@@ -527,7 +621,7 @@ def test_auto_storage_goes_by_the_decoded_size(tmp_path, monkeypatch):
     np.savez(tmp_path / "set.npz", x=np.zeros((40, 8, 8, 3), np.uint8))
     name = f"npz:{tmp_path / 'set.npz'}"
     assert load_images(name).storage == "memory"
-    monkeypatch.setattr(data_module, "MEMORY_LIMIT", 40 * 8 * 8 * 3 - 1)
+    monkeypatch.setattr(sources, "MEMORY_LIMIT", 40 * 8 * 8 * 3 - 1)
     assert load_images(name).storage == "memmap"
     assert load_images(name, storage="memory").storage == "memory"
     with pytest.raises(DataError, match="--data-storage 'disk' is not accepted"):
@@ -570,6 +664,7 @@ def test_the_knn_memory_is_capped_to_a_stratified_sample():
 # across workers
 
 
+@pytest.mark.e2e
 def test_two_workers_each_read_their_half_and_together_the_whole_set(tmp_path):
     """Two MultiWorkerMirroredStrategy workers on loopback, two epochs of
     `simclic train`'s input on digits (44 global batches of 32 a pass): at
@@ -597,6 +692,7 @@ def test_two_workers_each_read_their_half_and_together_the_whole_set(tmp_path):
     assert single["visits"].sum() == 88 * 32 and single["visits"].max() <= 2
 
 
+@pytest.mark.e2e
 def test_a_run_streams_a_folder_with_steps_per_epoch_and_a_capped_knn_memory(cifar_dir, tmp_path,
                                                                              capsys):
     """`simclic train` end to end on a streamed folder: the log line and the
