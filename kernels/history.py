@@ -82,7 +82,7 @@ Design notes
 * The C++ custom op (`kernels/custom_op.py`: gather, average duplicates, mix,
   scatter in one kernel) has this same Python signature and writes the same
   bits; `kernels.select(kernel_impl)` picks between the two.
-* A bank sharded across R replicas (`simclic_tf.distribute.sharded_exchange`)
+* A bank sharded across R replicas (`simclic_tf.history_bank.ShardedBank`)
   reuses this function unchanged on each shard with local indices: after the
   all-gather of `(i, z)` replica r maps the positions it owns (`i % R == r`)
   to `i // R` and every other one to a scratch row, calls `history_exchange`

@@ -6,21 +6,16 @@ tuple of the views' representations and returns one perturbed tensor per
 view; `strength` is the single knob the tuner searches.
 """
 
-import logging
-
 import keras
 from keras import ops
 
-from simclic_tf import kernels
-from simclic_tf import distribute
+from simclic_tf import history_bank, kernels
 from simclic_tf.registry import PERTURBATIONS
-
-logger = logging.getLogger(__name__)
 
 
 class Perturbation(keras.layers.Layer):
     """Base class. Subclasses set `default_strength` and `strength_range`
-    (None when the perturbation has no knob), `rampable` when `StrengthRamp`
+    (None when the perturbation has no knob), `rampable` when the strength ramp
     can schedule their strength, and implement `perturb`."""
 
     default_strength = None
@@ -109,13 +104,13 @@ class HistoryPerturbation(Perturbation):
     mixed with the current one: normalize(a * H^[i] + (1 - a) * z^).
 
     The history buffer H (num_samples x dim) and the per-row visit count are
-    non-trainable weights, so checkpoints and `.keras` files carry them. In
-    training, each call reads the rows of the batch and writes the mean of
-    the views' z in the same O(batch x dim) exchange; rows never written yet
-    fall back to z.
+    the non-trainable weights of `history_bank`, so checkpoints and `.keras`
+    files carry them. In training, each call reads the rows of the batch and
+    writes the mean of the views' z in the same O(batch x dim) exchange;
+    rows never written yet fall back to z.
 
     `bank_layout` says how the strategy the layer is built under holds them
-    (simclic_tf/distribute.py): "replicated", a full copy on every replica;
+    (simclic_tf/history_bank.py): "replicated", a full copy on every replica;
     "sharded", about num_samples / R rows on each of R replicas; "auto",
     sharded when a full copy would take more than 1 GiB per replica. Saved
     files hold the logical buffer whatever the layout (`bank_rows`), so they
@@ -136,28 +131,16 @@ class HistoryPerturbation(Perturbation):
         self.momentum = float(momentum)
         self.bank_dtype = bank_dtype
         self.bank_layout = bank_layout
-        self.shards = distribute.bank_shards(bank_layout, self.num_samples, self.dim,
-                                             bank_dtype)
-        rows = distribute.shard_rows(self.num_samples, self.shards)
-        logger.info("history bank: %s, %d rows x %d %s per replica (%.1f MiB with the "
-                    "visit counts)", "replicated" if self.shards == 1 else
-                    f"sharded over {self.shards} replicas", rows, self.dim, bank_dtype,
-                    distribute.bank_bytes(rows, self.dim, bank_dtype) / 2**20)
-        # Under tf.distribute: ON_READ / ONLY_FIRST_REPLICA, so each replica
-        # updates its own copy (or shard) in place (simclic_tf/distribute.py);
-        # autocast off, so a mixed-precision policy never reads it as float16.
+        # In this layer's name scope: the variables' paths are "<name>/bank"
+        # and "<name>/visits" whatever the layout.
         with keras.name_scope(self.name, caller=self):
-            self.bank = keras.Variable(
-                initializer="zeros", shape=(rows, self.dim), dtype=bank_dtype,
-                trainable=False, autocast=False, name="bank",
-                **distribute.REPLICATED_VARIABLE)
-            self.visits = keras.Variable(
-                initializer="zeros", shape=(rows,), dtype="int32",
-                trainable=False, autocast=False, name="visits",
-                **distribute.REPLICATED_VARIABLE)
-            # The mix a in use: `strength`, unless `StrengthRamp` moves it.
+            self.history_bank = history_bank.create(bank_layout, self.num_samples,
+                                                    self.dim, bank_dtype)
+            # The mix a in use: `strength`, unless the model's strength ramp
+            # sets it each step (the same value on every replica).
             self.mix = keras.Variable(self.strength, dtype="float32", trainable=False,
-                                      autocast=False, name="mix")
+                                      autocast=False, aggregation="only_first_replica",
+                                      name="mix")
 
     @classmethod
     def from_run_config(cls, config, num_samples):
@@ -166,69 +149,36 @@ class HistoryPerturbation(Perturbation):
                    bank_layout=config.bank_layout, seed=config.seed,
                    kernel_impl=config.kernel_impl)
 
+    @property
+    def bank(self):
+        """The buffer's variable: each replica's copy, or shard of about
+        num_samples / R rows; `bank_rows()` gives the logical buffer."""
+        return self.history_bank.bank
+
+    @property
+    def visits(self):
+        """The visit counts' variable, as `bank`."""
+        return self.history_bank.visits
+
     def call(self, zs, indices, training=False):
         indices = ops.cast(indices, "int32")
         if training:
             new_rows = ops.stop_gradient(sum(ops.cast(z, "float32") for z in zs) / len(zs))
-            # Under tf.distribute: all-gather (i, z), then the same writes on
-            # every copy, or each shard's writes on its shard.
-            arguments = (self.kernels.history_exchange, self.bank, self.visits, indices,
-                         new_rows, self.momentum)
-            if self.shards == 1:
-                old_rows, seen = distribute.replicated_exchange(*arguments)
-            else:
-                old_rows, seen = distribute.sharded_exchange(*arguments, self.num_samples)
-        elif self.shards == 1:
-            old_rows = ops.cast(ops.take(self.bank, indices, axis=0), "float32")
-            seen = ops.take(self.visits, indices, axis=0) > 0
+            old_rows, seen = self.history_bank.exchange(
+                self.kernels.history_exchange, indices, new_rows, self.momentum)
         else:
-            old_rows, seen = distribute.sharded_read(self.bank, self.visits, indices,
-                                                     self.num_samples)
+            old_rows, seen = self.history_bank.read(indices)
         return tuple(self._mix(old_rows, seen, z) for z in zs)
 
     def bank_rows(self):
         """The history buffer as numpy (num_samples, dim), in either layout
         (sharded under MultiWorkerMirroredStrategy: a collective, which every
         worker must call)."""
-        return self._logical(self.bank)
+        return self.history_bank.rows()
 
     def visit_counts(self):
         """The visit counts as numpy (num_samples,), as `bank_rows`."""
-        return self._logical(self.visits)
-
-    def _logical(self, variable):
-        if self.shards == 1:
-            return ops.convert_to_numpy(variable)
-        return distribute.gather_shards(variable, self.num_samples)
-
-    def save_own_variables(self, store):
-        """Keras's; sharded, with the logical buffer and visit counts."""
-        if self.shards == 1:
-            return super().save_own_variables(store)
-        logical = {id(self.bank): self.bank_rows(), id(self.visits): self.visit_counts()}
-        for key, variable in self._variables_by_key().items():
-            store[key] = logical.get(id(variable), variable)
-
-    def load_own_variables(self, store):
-        """Keras's; sharded, each replica's copy takes its rows of the logical
-        buffer and visit counts."""
-        if self.shards == 1:
-            return super().load_own_variables(store)
-        variables = self._variables_by_key()
-        if len(store.keys()) != len(variables):
-            raise ValueError(f"Layer '{self.name}' expected {len(variables)} variables, but "
-                             f"received {len(store.keys())} variables during loading")
-        for key, variable in variables.items():
-            if variable is self.bank or variable is self.visits:
-                distribute.assign_shards(variable, store[key])
-            else:
-                variable.assign(store[key])
-
-    def _variables_by_key(self):
-        """{store key: variable}, numbered as Keras's Layer.save_own_variables does."""
-        variables = {}
-        super().save_own_variables(variables)
-        return variables
+        return self.history_bank.visit_counts()
 
     def _mix(self, old_rows, seen, z):
         a = ops.convert_to_tensor(self.mix)

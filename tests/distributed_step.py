@@ -16,19 +16,13 @@ strategy).
 import argparse
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import two_logical_cpus  # noqa: F401 (first: before TensorFlow starts)
 import tensorflow as tf  # noqa: E402
-
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simclic_tf import SimCLIC, SimCLICConfig, build_optimizer, distribute  # noqa: E402
 
 N, B, SIDE = 16, 8, 8
@@ -70,7 +64,7 @@ def train(config, strategy, initial_weights):
               "weights": [w.numpy().tolist() for w in network_weights(model)]}
     if config.perturbation == "history":
         result.update(history_state(model.perturbation))
-        copies = strategy.experimental_local_results(model.perturbation.bank._value)
+        copies = strategy.experimental_local_results(model.perturbation.bank.value)
         result["replica_banks"] = [np.asarray(c.numpy(), "float32").tolist() for c in copies]
     return model, result
 

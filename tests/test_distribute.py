@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from simclic_tf import distribute
+from simclic_tf import compat, distribute
 from simclic_tf.cli import add_config_flags, config_from_args
 from simclic_tf.config import ConfigError, SimCLICConfig
 
@@ -95,6 +95,7 @@ def test_a_sharded_history_bank_trains_as_one_device(tmp_path):
     assert on_one_device["visits"] == on_mirrored["visits"] == single["visits"]
 
 
+@pytest.mark.e2e
 def test_a_run_resumes_under_a_mirrored_strategy(tmp_path):
     run_dir = tmp_path / "run"
     argv = ["--dataset", "digits", "--backbone", "tiny_convnet", "--width", "4",
@@ -158,7 +159,7 @@ def test_sync_bn_makes_every_batch_norm_cross_replica():
     config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=16, pred_hidden=8,
                            sync_bn=True)
     model = SimCLIC(config, (8, 8, 3), 10)
-    norms = [layer for layer in model._flatten_layers()
+    norms = [layer for layer in compat.all_layers(model)
              if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 3 + 2 + 1 and all(layer.synchronized for layer in norms)
     # Saved with the encoder: it loads as a stock Keras layer.
@@ -221,6 +222,7 @@ def run_two_workers(arguments, timeout=240):
         assert process.returncode == 0, log[-5000:]
 
 
+@pytest.mark.e2e
 def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
     """Two MultiWorkerMirroredStrategy processes on 127.0.0.1, a few steps on
     digits: both workers end with the same (non-trivial) buffer, holding the
@@ -246,6 +248,7 @@ def test_two_workers_on_loopback_keep_identical_history_buffers(tmp_path):
           f"(training {float(np.load(tmp_path / 'single.npz')['seconds']):.1f} s)")
 
 
+@pytest.mark.e2e
 def test_two_workers_on_loopback_train_a_sharded_bank_as_one_device(tmp_path):
     """--bank-layout sharded on two MultiWorkerMirroredStrategy processes on
     127.0.0.1 and on one device, the same four precomputed global batches
@@ -280,6 +283,7 @@ def test_two_workers_on_loopback_train_a_sharded_bank_as_one_device(tmp_path):
     np.testing.assert_array_equal(loaded.visit_counts(), single["visits"])
 
 
+@pytest.mark.e2e
 def test_train_py_on_two_workers_writes_one_run_directory(tmp_path):
     """train.py on each worker with the same --run-dir (shared storage): the
     chief (worker 0) writes the run directory, worker 1 its own worker_1/

@@ -1,13 +1,11 @@
 """Each perturbation's semantics, at the layer level."""
 
-import types
 
 import numpy as np
 import pytest
 from keras import ops
 
 from simclic_tf import ConfigError, SimCLICConfig
-from simclic_tf.callbacks import StrengthRamp
 from simclic_tf.perturbations import (DropoutPerturbation, HistoryPerturbation,
                                       HistoryThenDropout, HistoryThenNoise, NoisePerturbation,
                                       NoPerturbation)
@@ -154,23 +152,6 @@ def test_history_then_noise_adds_noise_to_the_history_target_in_training_only():
                            plain((z,), np.arange(3), training=False))
     np.testing.assert_allclose(ops.convert_to_numpy(out), ops.convert_to_numpy(expected),
                                rtol=1e-6)
-
-
-def test_the_strength_ramp_moves_the_history_mix_from_zero_to_the_strength():
-    layer = history(strength=0.8)
-    ramp = StrengthRamp(epochs=10, ramp=0.5)
-    ramp.set_model(types.SimpleNamespace(perturbation=layer))
-    z, old = np.random.default_rng(6).normal(size=(2, 3, 4)).astype("float32")
-    layer((old,), np.arange(3), training=True)  # rows 0-2 now hold `old`
-    mixes = []
-    for epoch in range(10):
-        ramp.on_epoch_begin(epoch)
-        mixes.append(float(ops.convert_to_numpy(layer.mix)))
-    np.testing.assert_allclose(mixes, [0.0, 0.16, 0.32, 0.48, 0.64] + [0.8] * 5, rtol=1e-6)
-    # The target follows the mix in use: at a = 0.8, 0.8 H^ + 0.2 z^, normalised.
-    (out,) = layer((z,), np.arange(3), training=False)
-    np.testing.assert_allclose(ops.convert_to_numpy(out),
-                               normalize(0.8 * normalize(old) + 0.2 * normalize(z)), rtol=1e-5)
 
 
 def test_the_strength_ramp_is_refused_where_the_strength_is_fixed_at_build():
