@@ -39,12 +39,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from simclic_tf import SimCLICConfig, data  # noqa: E402
+from simclic_tf import SimCLICConfig, sources  # noqa: E402
 from simclic_tf.backbones import build_backbone  # noqa: E402
 from simclic_tf.cli import add_config_flags, base_config  # noqa: E402
-from simclic_tf.evaluation import evaluate_backbone  # noqa: E402
-from simclic_tf.finetune import finetune  # noqa: E402
-from simclic_tf.run import run  # noqa: E402
+from simclic_tf.evaluation import evaluate_backbone, labelled_memory  # noqa: E402
+from simclic_tf.finetune import FineTuneConfig, finetune  # noqa: E402
+from simclic_tf.training import build_pretraining  # noqa: E402
 from step_overhead import step_seconds  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -108,13 +108,29 @@ def supervised_row(config, train_set, test_set):
     backbone = build_backbone(config.backbone, train_set.images.shape[1:], config.width,
                               config.bn_momentum, config.zero_init_residual)
     start = time.time()
-    model = finetune(backbone, train_set, config.epochs, batch_size=config.batch_size,
-                     learning_rate=config.learning_rate, backbone_lr_scale=1.0,
-                     weight_decay=config.weight_decay, seed=config.seed)
+    recipe = FineTuneConfig(learning_rate=config.learning_rate, backbone_lr_scale=1.0,
+                            weight_decay=config.weight_decay, batch_size=config.batch_size)
+    model = finetune(backbone, train_set, config.epochs, recipe, seed=config.seed)
     wall = time.time() - start
     results = evaluate_backbone(model.backbone, train_set, test_set, config)
     return {"encoder": "supervised (labels)", **results, "final_z_std": "",
             "wall_seconds": round(wall)}
+
+
+def ssl_rows(config, train_set, test_set):
+    """(random-init row, pretrained row) of pretraining `config` as
+    `simclic train` does (`build_pretraining`), evaluated on `test_set`."""
+    keras.utils.set_random_seed(config.seed)
+    memory, queries = labelled_memory(train_set, test_set, config.seed)
+    pretraining = build_pretraining(config, train_set, memory=memory, queries=queries)
+    backbone = pretraining.model.backbone
+    random_init = evaluate_backbone(backbone, memory, queries, config)
+    start = time.time()
+    history = pretraining.fit(verbose=2).history
+    wall = time.time() - start
+    return ({"encoder": "random init", **random_init, "final_z_std": "", "wall_seconds": 0},
+            {**evaluate_backbone(backbone, memory, queries, config),
+             "final_z_std": round(history["z_std"][-1], 4), "wall_seconds": round(wall)})
 
 
 def equal_wall_epochs(base, rows, image_shape, num_samples):
@@ -158,7 +174,7 @@ def main():
     unknown = set(wanted) - set(SSL_ROWS)
     if unknown:
         parser.error(f"--rows: unknown {sorted(unknown)}; choose from {list(SSL_ROWS)}")
-    train_set, test_set = data.load_train_and_eval(base)
+    train_set, test_set = sources.load_train_and_eval(base)
     epochs = {key: base.epochs for key in wanted}
     if args.equal_wall:
         epochs = equal_wall_epochs(base, wanted, train_set.images.shape[1:], len(train_set))
@@ -167,13 +183,10 @@ def main():
         name, changes = SSL_ROWS[key]
         if epochs[key] != base.epochs:
             name += f" ({epochs[key]} epochs: SimSiam's wall time)"
-        report = run(base.replace(run_dir=f"{args.out}/{key}", epochs=epochs[key], **changes))
-        if not rows:
-            rows.append({"encoder": "random init", **report["random_init"],
-                         "final_z_std": "", "wall_seconds": 0})
-        rows.append({"encoder": name, **report["pretrained"],
-                     "final_z_std": round(report["final_z_std"], 4),
-                     "wall_seconds": round(report["train_seconds"])})
+        random_init, pretrained = ssl_rows(base.replace(epochs=epochs[key], **changes),
+                                           train_set, test_set)
+        rows += [random_init] if not rows else []
+        rows.append({**pretrained, "encoder": name})
     if not args.no_supervised:
         rows.insert(1, supervised_row(base, train_set, test_set))
 

@@ -23,11 +23,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from simclic_tf import SimCLICConfig, data  # noqa: E402
+from simclic_tf import SimCLICConfig, sources  # noqa: E402
 from simclic_tf.callbacks import CollapseMonitor  # noqa: E402
 from simclic_tf.evaluation import evaluate_backbone, labelled_memory  # noqa: E402
 from simclic_tf.model import effective_rank  # noqa: E402
-from simclic_tf.run import build_model, pretrain_inputs  # noqa: E402
+from simclic_tf.training import build_pretraining  # noqa: E402
 from step_overhead import step_seconds  # noqa: E402
 
 TINY = dict(dataset="digits", backbone="tiny_convnet", width=4, proj_dim=32, pred_hidden=8,
@@ -37,10 +37,10 @@ TINY = dict(dataset="digits", backbone="tiny_convnet", width=4, proj_dim=32, pre
 def final_signals(config):
     """(final epoch's logs, kNN accuracy) of pretraining `config`."""
     keras.utils.set_random_seed(config.seed)
-    train_set, test_set = data.load_train_and_eval(config)
-    _, pretrain = pretrain_inputs(config, train_set)
-    model = build_model(config, train_set)
-    history = model.fit(pretrain, epochs=config.epochs, verbose=0, shuffle=False)
+    train_set, test_set = sources.load_train_and_eval(config)
+    pretraining = build_pretraining(config, train_set)
+    model = pretraining.model
+    history = pretraining.fit(verbose=0)
     memory, queries = labelled_memory(train_set, test_set, config.seed)
     knn = evaluate_backbone(model.backbone, memory, queries, config)["knn_accuracy"]
     return {name: values[-1] for name, values in history.history.items()}, knn

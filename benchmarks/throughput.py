@@ -7,7 +7,7 @@ and on the shared CIFAR-10 file through the real augmentation pipeline.
         --steps 50 --data synthetic --out runs/throughput
 
 What is timed is what `train.py` runs: each model comes from
-`simclic_tf.run.build_model` (policy, model, optimizer and jit under the
+`simclic_tf.training.build_model` (policy, model, optimizer and jit under the
 strategy), and a step is a call of its compiled Keras train function
 (`model.make_train_function()`) on a dataset iterator, as in `model.fit`.
 One model is built per (precision, jit, perturbation) and timed on every
@@ -22,7 +22,7 @@ slower). An image is one sample of the batch (two augmented views each).
 
 `synthetic` feeds one fixed batch of random views with fresh shuffled indices
 (the device's speed, no input pipeline); `npz:PATH` runs
-`simclic_tf.data.pretrain_dataset` with SimSiam's augmentation on the images
+`simclic_tf.pipelines.pretrain_dataset` with SimSiam's augmentation on the images
 of PATH (includes the CPU input pipeline). The history bank has one row per
 image of the npz file (or `--num-samples` rows).
 
@@ -49,11 +49,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from simclic_tf import kernels  # noqa: E402
-from simclic_tf import augment, data  # noqa: E402
-from simclic_tf.config import SimCLICConfig  # noqa: E402
-from simclic_tf.run import build_model  # noqa: E402
+from simclic_tf import augment, pipelines  # noqa: E402
+from simclic_tf.config import SimCLICConfig, field_choices  # noqa: E402
+from simclic_tf.images import ImageSet  # noqa: E402
+from simclic_tf.sources import load_images  # noqa: E402
+from simclic_tf.training import build_model  # noqa: E402
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = field_choices("precision")
 PERTURBATIONS = ("none", "history")
 COLUMNS = ("precision", "jit", "data", "perturbation", "ms_per_step", "images_per_s",
            "ratio", "first_call_s", "build_s", "steps", "rounds", "batch_size", "width",
@@ -129,7 +131,7 @@ def synthetic_dataset(batch_size, image_shape, num_samples):
 def npz_dataset(images, batch_size):
     """The real pretraining pipeline: SimSiam's augmentation, two views."""
     augmentation = augment.build_augmentation(images.shape[1:3], images.shape[-1], seed=0)
-    return data.pretrain_dataset(images, batch_size, 2, augmentation, seed=0).repeat()
+    return pipelines.pretrain_dataset(images, batch_size, 2, augmentation, seed=0).repeat()
 
 
 def sync(logs):
@@ -221,7 +223,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "throughput.csv")
 
-    npz_sets = {s: data.load_images(s) for s in args.data if s.startswith("npz:")}
+    npz_sets = {s: load_images(s) for s in args.data if s.startswith("npz:")}
     shapes = {tuple(d.images.shape[1:]) for d in npz_sets.values()}
     if len(shapes) > 1:
         sys.exit(f"--data: the npz files differ in image shape {sorted(shapes)}")
@@ -231,7 +233,7 @@ def main(argv=None):
     if num_samples < largest:
         sys.exit(f"--num-samples {num_samples} is smaller than an npz file ({largest} images)")
     # build_model reads the bank size and image shape from the training set.
-    train_set = data.ImageSet(np.zeros((num_samples,) + image_shape, np.uint8), None, [])
+    train_set = ImageSet(np.zeros((num_samples,) + image_shape, np.uint8), None, [])
     sources = {}
     for source in args.data:
         sources[source] = (synthetic_dataset(args.batch_size, image_shape, num_samples)

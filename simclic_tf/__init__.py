@@ -12,9 +12,11 @@ if (os.path.isfile(os.path.join(_checkout, "pyproject.toml"))
     __path__.append(_checkout)
 
 from simclic_tf import compat  # noqa: E402 (quiets TensorFlow's start-up lines)
-from simclic_tf import backbones, heads, losses, perturbations  # noqa: E402,F401 (registries)
+from simclic_tf import (  # noqa: E402,F401 (registries)
+    backbones, file_sources, heads, losses, perturbations)
 from simclic_tf.config import ConfigError, SimCLICConfig  # noqa: E402
 from simclic_tf.model import SimCLIC, build_optimizer  # noqa: E402
+from simclic_tf.training import build_pretraining  # noqa: E402
 
 __version__ = "0.2.0"
-__all__ = ["ConfigError", "SimCLIC", "SimCLICConfig", "build_optimizer"]
+__all__ = ["ConfigError", "SimCLIC", "SimCLICConfig", "build_optimizer", "build_pretraining"]

@@ -1,6 +1,5 @@
-"""Callbacks for pretraining: the kNN monitor, the strength ramp, the
-collapse alarm, the divergence and signal stops, and a CSV logger that
-survives resuming. Put the monitors before `keras.callbacks.TensorBoard` so
+"""Callbacks for pretraining: the kNN monitor, the collapse alarm, the
+divergence and signal stops, and a CSV logger that survives resuming. Put the monitors before `keras.callbacks.TensorBoard` so
 their values reach its logs, and the stops before
 `keras.callbacks.BackupAndRestore` so that a bad epoch is never saved."""
 
@@ -46,20 +45,6 @@ class KNNMonitor(keras.callbacks.Callback):
             extract_features(backbone, self.memory), self.memory.labels,
             extract_features(backbone, self.queries), self.queries.labels,
             self.memory.num_classes, k=self.k, temperature=self.temperature)
-
-
-class StrengthRamp(keras.callbacks.Callback):
-    """Ramps the history mix a linearly from 0 (the SimSiam target) to the
-    perturbation's `strength` over the first `ramp` fraction of `epochs`,
-    one step per epoch: a curriculum from the current view to the old one."""
-
-    def __init__(self, epochs, ramp):
-        super().__init__()
-        self.ramp_epochs = ramp * epochs
-
-    def on_epoch_begin(self, epoch, logs=None):
-        layer = self.model.perturbation
-        layer.mix.assign(layer.strength * min(1.0, epoch / self.ramp_epochs))
 
 
 class CollapseMonitor(keras.callbacks.Callback):

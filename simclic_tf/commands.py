@@ -18,7 +18,7 @@ import sys
 from simclic_tf import __version__, compat, transfer
 from simclic_tf.cli import add_config_flags, config_from_args, knobs_given
 from simclic_tf.config import ConfigError
-from simclic_tf.data import DataError
+from simclic_tf.sources import DataError
 from simclic_tf.faults import Diverged, Interrupted, RunFinished
 from simclic_tf.report import error_table, verdict
 from simclic_tf.run import run

@@ -87,6 +87,8 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         self.perturbation = PERTURBATIONS.get(config.perturbation).from_run_config(
             config, self.num_samples)
         self.distance = LOSSES.get(config.loss)
+        self.strength_schedule = strength_schedule(
+            config, self.perturbation, config.epochs * config.epoch_steps(self.num_samples))
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.z_rank_tracker = keras.metrics.Mean(name="z_rank")
@@ -143,6 +145,8 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
 
     def train_step(self, data):
         views, indices, *labels = data
+        if self.strength_schedule is not None:
+            self.perturbation.mix.assign(self.strength_schedule(self.optimizer.iterations))
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             loss, z, features = self.compute_objective(views, indices, training=True)
@@ -167,6 +171,8 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         self.z_std_tracker.update_state(collapse_std(z))
         self.z_rank_tracker.update_state(effective_rank(z))
         logs = {metric.name: metric.result() for metric in self.metrics}
+        if self.perturbation.rampable:
+            logs["mix"] = ops.convert_to_tensor(self.perturbation.mix)
         if distribute.is_multi_worker(self.distribute_strategy):
             # Keras reduces step logs across workers with a MEAN over axis 0,
             # which fails on scalars: give them that axis.
@@ -191,6 +197,21 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         if config.get("backbone") is not None:
             config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def strength_schedule(config, perturbation, total_steps):
+    """The history mix a as a function of the optimizer's step, or None for a
+    constant strength: with `strength_ramp` r, linear from 0 (SimSiam's
+    target) to the perturbation's strength over the first r * `total_steps`
+    steps, then constant; a curriculum from the current view to the old one.
+    Computed in `train_step`, so `model.fit` alone ramps, and a resumed run
+    ramps on from its restored step."""
+    if not config.strength_ramp:
+        return None
+    # Keras's linear schedule, though what it schedules is not a learning rate.
+    return keras.optimizers.schedules.PolynomialDecay(
+        initial_learning_rate=0.0, end_learning_rate=perturbation.strength,
+        decay_steps=max(1, round(config.strength_ramp * total_steps)), power=1.0)
 
 
 def build_optimizer(config, steps_per_epoch):

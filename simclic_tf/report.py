@@ -37,7 +37,8 @@ def verdict(report):
     improved = moves[0][3] > 0 and all(gain >= 0 for *_, gain in moves)
     change = " and ".join(f"{name} accuracy from {before:.1f} % to {after:.1f} % "
                           f"({gain:+.1f} points)" for name, before, after, gain in moves)
-    classes = report["data"]["num_classes"]
+    # An unlabelled training set is evaluated on its labelled evaluation set.
+    classes = report["data"].get("knn_classes") or report["data"]["num_classes"]
     chance = f"chance is {100 / classes:.1f} % ({classes} classes)"
     if improved:
         return (f"Pretraining improved the encoder: it moved {change}; {chance}. "
@@ -146,3 +147,34 @@ def write_report(report, run_dir):
         json.dump(report, f, indent=2, sort_keys=True)
     with atomic_path(os.path.join(run_dir, "report.md")) as partial, open(partial, "w") as f:
         f.write(markdown(report))
+
+
+def data_summary(train_set, test_set):
+    """What a run's history buffer and evaluation depend on in its data."""
+    return {"train_images": len(train_set), "test_images": len(test_set),
+            "image_shape": list(train_set.image_shape),
+            "num_classes": train_set.num_classes}
+
+
+def describe_data(train_set, test_set, memory):
+    """One line: the sets, where their pixels are read from, the kNN memory."""
+    def described(images):
+        return (f"{len(images)} images {'x'.join(map(str, images.image_shape))} "
+                f"({STORAGE_NAMES[images.storage]}, {byte_size(images.nbytes)} decoded)")
+
+    return (f"Data: training {described(train_set)}; evaluation {described(test_set)}; "
+            f"kNN memory {len(memory)} images")
+
+
+def byte_size(count):
+    """`count` bytes as a person reads them: 90 KiB, 5.2 GiB."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if count >= size:
+            value = count / size
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{count} B"
+
+
+STORAGE_NAMES = {"memory": "in memory", "files": "streamed from image files",
+                 "memmap": "streamed from a memory-mapped .npz",
+                 "stream": "streamed from tensorflow-datasets' files"}

@@ -11,15 +11,9 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
+import two_logical_cpus  # noqa: F401 (first: before TensorFlow starts)
 
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simclic_tf import run as run_module  # noqa: E402
+from simclic_tf import callbacks, training  # noqa: E402
 from simclic_tf.commands import train  # noqa: E402
 
 
@@ -30,19 +24,19 @@ class Crash(Exception):
 def main():
     crash_at = os.environ.get("SIMCLIC_TEST_CRASH_AT_EPOCH")
     state_file = os.environ.get("SIMCLIC_TEST_STATE")
-    original_build = run_module.build_model
+    original_build = training.build_model
     built = {}
 
     def build_model(*args, **kwargs):
         built["model"] = model = original_build(*args, **kwargs)
         return model
 
-    run_module.build_model = build_model
+    training.build_model = build_model
     if crash_at is not None:
         def crash(self, epoch, logs=None):
             if epoch == int(crash_at):
                 raise Crash(f"crash at epoch {epoch}")
-        run_module.CollapseMonitor.on_epoch_begin = crash
+        callbacks.CollapseMonitor.on_epoch_begin = crash
     try:
         code = train(sys.argv[1:])
     except Crash as error:
@@ -51,9 +45,9 @@ def main():
     if state_file:
         model = built["model"]
         copies = [c.numpy() for c in model.distribute_strategy.experimental_local_results(
-            model.perturbation.visits._value)]
+            model.perturbation.visits.value)]
         banks = [c.numpy() for c in model.distribute_strategy.experimental_local_results(
-            model.perturbation.bank._value)]
+            model.perturbation.bank.value)]
         with open(state_file, "w") as f:
             json.dump({"replicas": model.distribute_strategy.num_replicas_in_sync,
                        "visits": [c.tolist() for c in copies],

@@ -15,7 +15,7 @@ from keras import ops
 
 from simclic_tf.commands import train
 from simclic_tf import SimCLICConfig
-from simclic_tf import run as run_module
+from simclic_tf import callbacks, training
 from simclic_tf.cli import add_config_flags, config_from_args
 from simclic_tf.config import derive_pred_lr_scale
 
@@ -36,6 +36,7 @@ def tensorboard_tags(run_dir):
     return set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
 
 
+@pytest.mark.e2e
 def test_digits_end_to_end(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train(TINY + ["--epochs", "2", "--run-dir", str(run_dir)]) == 0
@@ -79,6 +80,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert visits.sum() == 2 * (1437 // 64) * 64  # every step wrote its batch
 
 
+@pytest.mark.e2e
 def test_the_online_probe_is_logged_and_reported_apart(tmp_path):
     run_dir = tmp_path / "run"
     assert train(TINY + ["--epochs", "3", "--online-probe", "--online-probe-lr", "1.0",
@@ -94,6 +96,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.e2e
 def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     argv = TINY + ["--epochs", "4", "--knn-every", "2", "--run-dir", str(run_dir)]
@@ -103,7 +106,7 @@ def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
             raise Crash()
 
     with monkeypatch.context() as patch:
-        patch.setattr(run_module.CollapseMonitor, "on_epoch_begin", crash_at_third_epoch,
+        patch.setattr(callbacks.CollapseMonitor, "on_epoch_begin", crash_at_third_epoch,
                       raising=False)
         with pytest.raises(Crash):
             train(argv)
@@ -122,6 +125,7 @@ def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
     assert int(model.optimizer.iterations) == 4 * steps
 
 
+@pytest.mark.e2e
 def test_the_tfds_path_under_mock_data(tmp_path, mock_tfds):
     run_dir = tmp_path / "run"
     with mock_tfds(num_examples=160):
@@ -148,6 +152,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, words):
         assert word in message
 
 
+@pytest.mark.e2e
 def test_a_finished_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
@@ -185,6 +190,7 @@ def test_flags_override_a_recipe_and_a_config_file_overrides_it_too(tmp_path):
         parser.parse_args(["--recipe", "fast"])
 
 
+@pytest.mark.e2e
 def test_deterministic_reruns_are_bit_identical(tmp_path):
     """Two runs of one seed write the same history and weights, bit for bit.
     In subprocesses: op determinism stays on for the rest of a process, and
@@ -206,13 +212,13 @@ def test_deterministic_reruns_are_bit_identical(tmp_path):
 
 def test_deterministic_asks_for_onednn_off_when_it_is_on(monkeypatch, caplog):
     enabled = []
-    monkeypatch.setattr(run_module.tf.config.experimental, "enable_op_determinism",
+    monkeypatch.setattr(training.tf.config.experimental, "enable_op_determinism",
                         lambda: enabled.append(True))
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
-    with caplog.at_level(logging.WARNING, logger="simclic_tf.run"):
-        run_module.make_deterministic()
+    with caplog.at_level(logging.WARNING, logger="simclic_tf.training"):
+        training.make_deterministic()
         monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-        run_module.make_deterministic()
+        training.make_deterministic()
     assert enabled == [True, True]
     assert [r.getMessage() for r in caplog.records] == [
         "--deterministic: set TF_ENABLE_ONEDNN_OPTS=0 before the run for bit-identical "
@@ -239,6 +245,7 @@ def hparams_session(run_dir):
     return hparams, end.status, scalars
 
 
+@pytest.mark.e2e
 def test_tensorboard_logs_hold_the_runs_hparams_and_final_errors(tmp_path):
     import matplotlib.image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -268,6 +275,7 @@ def test_tensorboard_logs_hold_the_runs_hparams_and_final_errors(tmp_path):
     assert (int(height), int(width)) == (8 * 64, 3 * 64)
 
 
+@pytest.mark.e2e
 def test_tensorboard_logs_of_a_diverged_run_hold_its_hparams_and_random_init_errors(tmp_path):
     from tensorboard.plugins.hparams import api_pb2
 

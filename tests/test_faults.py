@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from simclic_tf.commands import train
 from simclic_tf import SimCLIC, SimCLICConfig
+from simclic_tf import callbacks, outputs, sources, training
 from simclic_tf import run as run_module
 from simclic_tf.callbacks import ResumableCSVLogger
 
@@ -136,6 +137,7 @@ def test_resume_refuses_flags_that_contradict_the_saved_run(tmp_path, capsys):
     assert sorted(os.listdir(run_dir)) == ["config.json"]
 
 
+@pytest.mark.e2e
 def test_resume_on_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
     before = {name: (finished_run / name).read_bytes()
               for name in ("history.csv", "encoder.keras", "report.json")}
@@ -144,10 +146,11 @@ def test_resume_on_a_finished_run_says_so_and_changes_nothing(finished_run, caps
     assert {name: (finished_run / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.e2e
 def test_a_run_stopped_while_evaluating_resumes_there_without_training(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "draw_results", kill)
+        patch.setattr(outputs, "draw_results", kill)
         with pytest.raises(Killed):
             train(TINY + ["--epochs", "2", "--run-dir", str(run_dir)])
     assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 2
@@ -162,6 +165,7 @@ def test_a_run_stopped_while_evaluating_resumes_there_without_training(tmp_path,
     assert not (run_dir / "backup").exists()
 
 
+@pytest.mark.e2e
 def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 255, (300, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "set.npz", x=images, y=np.arange(300) % 3)
@@ -201,6 +205,7 @@ def recorded_steps(monkeypatch):
     return steps
 
 
+@pytest.mark.e2e
 def test_a_resumed_run_trains_on_the_batches_an_uninterrupted_run_does(tmp_path, monkeypatch):
     """Killed at the start of epoch 3 of 4 and resumed, a run trains on the
     batches (indices, in order) that the same run uninterrupted trains on in
@@ -218,7 +223,7 @@ def test_a_resumed_run_trains_on_the_batches_an_uninterrupted_run_does(tmp_path,
             raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(run_module.CollapseMonitor, "on_epoch_begin", kill_at_epoch_3,
+        patch.setattr(callbacks.CollapseMonitor, "on_epoch_begin", kill_at_epoch_3,
                       raising=False)
         with pytest.raises(Killed):
             train(argv + ["--run-dir", str(tmp_path / "killed")])
@@ -240,6 +245,7 @@ def test_a_resumed_csv_log_never_holds_an_epoch_twice(tmp_path):
         "epoch", "0", "1", "2", "3"]
 
 
+@pytest.mark.e2e
 def test_a_kill_during_an_export_leaves_no_truncated_file(tmp_path, monkeypatch):
     def killed_mid_write(self, filepath, *args, **kwargs):
         Path(filepath).write_bytes(b"PK\x03\x04 half a zip")
@@ -271,6 +277,7 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
 # Divergence.
 
+@pytest.mark.e2e
 def test_a_diverging_run_stops_at_once_exports_nothing_and_says_so(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = train(TINY + ["--epochs", "3", "--base-lr", "100", "--weight-decay", "0.5",
@@ -292,22 +299,22 @@ def test_a_diverging_run_stops_at_once_exports_nothing_and_says_so(tmp_path, cap
     assert "diverged at epoch" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_a_weight_gone_non_finite_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     def poison_the_predictor(self, epoch, logs=None):
         if epoch == 1:
             kernel = self.model.predictor.trainable_variables[0]
             kernel.assign(np.full(kernel.shape, np.nan, "float32"))
 
-    monkeypatch.setattr(run_module.CollapseMonitor, "on_epoch_begin", poison_the_predictor,
+    monkeypatch.setattr(callbacks.CollapseMonitor, "on_epoch_begin", poison_the_predictor,
                         raising=False)
     run_dir = tmp_path / "run"
     assert train(TINY + ["--epochs", "3", "--run-dir", str(run_dir)]) == 1
     assert "DIVERGED at epoch 2, step 1" in capsys.readouterr().err
     metadata = json.loads((run_dir / "backup" / "training_metadata.json").read_text())
     assert metadata["epoch"] == 1
-    model = run_module.build_model(SimCLICConfig.load(run_dir / "config.json"),
-                                   run_module.data.load_train_and_eval(
-                                       SimCLICConfig.load(run_dir / "config.json"))[0])
+    config = SimCLICConfig.load(run_dir / "config.json")
+    model = training.build_model(config, sources.load_train_and_eval(config)[0])
     model.optimizer.build(model.trainable_variables)
     model.load_weights(run_dir / "backup" / "latest.weights.h5")
     assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
@@ -335,6 +342,7 @@ def start_and_signal(run_dir, signum, epochs):
     return process.returncode, err, time.time() - sent
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_at_the_next_step_with_one_line_and_resumes(tmp_path, signum):
     run_dir = tmp_path / "run"
@@ -383,6 +391,7 @@ def test_a_signal_between_steps_stops_once_the_epoch_is_saved(tmp_path):
 
 # A collapse signal that fires.
 
+@pytest.mark.e2e
 def test_stop_on_collapse_ends_simsiam_without_stop_gradient(tmp_path, capsys):
     """The stop-gradient ablation collapses (tests/test_tuning.py holds the
     healthy run quiet on the same budget); --stop-on-collapse ends it there."""

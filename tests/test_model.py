@@ -175,6 +175,50 @@ def test_fit_lowers_the_loss(perturbation):
     assert history["z_std"][-1] > 0.2 / np.sqrt(32)
 
 
+class MixRecorder(keras.callbacks.Callback):
+    """The history mix each training step used, as its batch logs report it."""
+
+    def on_train_begin(self, logs=None):
+        self.mixes = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.mixes.append(float(np.ravel(logs["mix"])[0]))
+
+
+def test_model_fit_alone_ramps_the_history_mix_from_zero_to_the_strength():
+    # 4 steps an epoch, 2 epochs: the ramp's half of the run is 4 steps.
+    model = tiny_model(num_samples=64, perturbation="history", strength=0.8,
+                       strength_ramp=0.5)
+    model.compile(optimizer=build_optimizer(model.config, 64 // BATCH))
+    views, _ = batch()
+    data = tf.data.Dataset.from_tensor_slices(
+        ((np.tile(views[0], (4, 1, 1, 1)), np.tile(views[1], (4, 1, 1, 1))),
+         np.arange(64, dtype="int32"))).batch(BATCH)
+    recorder = MixRecorder()
+    history = model.fit(data, epochs=2, verbose=0, callbacks=[recorder]).history
+    np.testing.assert_allclose(recorder.mixes, [0.0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8],
+                               rtol=1e-6)
+    # Each epoch's logs (history.csv, TensorBoard) hold the mix of its last step.
+    np.testing.assert_allclose(history["mix"], [0.6, 0.8], rtol=1e-6)
+    # The target follows the mix in use: at a = 0.8, 0.8 H^ + 0.2 z^, normalised.
+    z, old = np.random.default_rng(6).normal(size=(2, 3, 32)).astype("float32")
+    layer = model.perturbation
+    layer((old,), np.arange(3), training=True)
+    (out,) = layer((z,), np.arange(3), training=False)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(ops.convert_to_numpy(out),
+                               unit(0.8 * unit(old) + 0.2 * unit(z)), rtol=1e-5)
+
+
+def test_without_a_ramp_the_mix_is_the_strength_from_the_first_step():
+    model = tiny_model(num_samples=64, perturbation="history", strength=0.7)
+    model.compile(optimizer=build_optimizer(model.config, 64 // BATCH))
+    views, indices = batch()
+    recorder = MixRecorder()
+    model.fit(tf.data.Dataset.from_tensors((views, indices)), verbose=0, callbacks=[recorder])
+    np.testing.assert_allclose(recorder.mixes, [0.7], rtol=1e-6)
+
+
 def test_keras_file_round_trip_keeps_the_history_buffer(tmp_path):
     model = tiny_model(num_samples=512, perturbation="history", bank_dtype="bfloat16")
     model.compile(optimizer=build_optimizer(model.config, 512 // BATCH))

@@ -31,6 +31,12 @@ def test_the_verdict_of_a_run_that_learned_gives_its_numbers():
     assert "lower is better" in sentence and "--recipe" not in sentence
 
 
+def test_the_chance_of_an_unlabelled_training_set_is_its_evaluation_sets():
+    report = report_with(0.312, 0.45, 0.272, 0.41, num_classes=0)
+    report["data"]["knn_classes"] = 5
+    assert "chance is 20.0 % (5 classes)" in verdict(report)
+
+
 @pytest.mark.parametrize("knn, linear", [(0.25, 0.45), (0.30, 0.40), (0.272, 0.41)])
 def test_the_verdict_of_a_run_that_did_not_learn_says_so_and_what_to_try(knn, linear):
     sentence = verdict(report_with(knn, linear, 0.272, 0.41, num_classes=4))

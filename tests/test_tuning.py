@@ -12,11 +12,10 @@ import keras_tuner
 import pytest
 
 from simclic_tf.commands import command, train
-from simclic_tf import SimCLICConfig
+from simclic_tf import SimCLICConfig, sources
 from simclic_tf.callbacks import COLLAPSED_RANK, CollapseMonitor
 from simclic_tf.registry import LOSSES, PERTURBATIONS, PREDICTORS
 from simclic_tf.tuning import hypermodel as hypermodel_module
-from simclic_tf.tuning import search as search_module
 from simclic_tf.tuning import table
 
 tune = command("tune")
@@ -125,6 +124,7 @@ def test_the_grid_starts_at_the_configured_value_and_covers_the_space():
     assert sorted(p["predictor"] for p in points) == PREDICTORS.names()
 
 
+@pytest.mark.e2e
 def test_a_predictor_search_resumes_and_writes_the_paper_table(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "search"
     argv = TINY + ["--ablation", "predictor", "--perturbation", "none", "--epochs", "1",
@@ -191,6 +191,7 @@ def test_a_predictor_search_resumes_and_writes_the_paper_table(tmp_path, monkeyp
     assert report["config"]["predictor"] == best["predictor"]
 
 
+@pytest.mark.e2e
 def test_without_stop_gradient_the_representation_collapses(tmp_path):
     """SimSiam on a budget where the collapse is clear, and the alarm says so.
     Ten runs (seeds 0 to 3, three machines; same-seed runs are not
@@ -219,6 +220,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.e2e
 def test_an_interrupted_trial_resumes_at_its_last_epoch(tmp_path, monkeypatch):
     run_dir = tmp_path / "search"
     argv = TINY + ["--ablation", "loss", "--perturbation", "none", "--epochs", "2",
@@ -245,6 +247,7 @@ def test_an_interrupted_trial_resumes_at_its_last_epoch(tmp_path, monkeypatch):
     assert read_csv(run_dir / "results.csv")[0] == ["loss", "Cosine", "Cross-entropy"]
 
 
+@pytest.mark.e2e
 def test_a_strength_search_is_bayesian_and_resumes(tmp_path, monkeypatch):
     run_dir = tmp_path / "search"
     argv = TINY + ["--ablation", "strength", "--perturbation", "noise", "--epochs", "1",
@@ -267,6 +270,42 @@ def test_a_strength_search_is_bayesian_and_resumes(tmp_path, monkeypatch):
     assert best.strength in [float(r[0]) for r in rows[1:] if float(r[2]) == lowest]
 
 
+def epoch_scalars(log_dir, tag):
+    """The values of the scalar `tag` in a TensorBoard log directory, by step."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+    found = {}
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents*")):
+        for event in EventFileLoader(path).Load():
+            for value in event.summary.value:
+                if value.tag == tag:
+                    found[event.step] = float(make_ndarray(value.tensor))
+    return [found[step] for step in sorted(found)]
+
+
+@pytest.mark.e2e
+def test_a_trial_ramps_the_history_mix_as_simclic_train_does(tmp_path):
+    run_dir = tmp_path / "search"
+    argv = TINY + ["--ablation", "strength", "--perturbation", "history", "--epochs", "2",
+                   "--strength-ramp", "0.5", "--max-trials", "1", "--run-dir", str(run_dir)]
+    assert tune(argv) == 0
+    (trial_logs,) = glob.glob(str(run_dir / "logs" / "trial_*" / "train"))
+    first, last = epoch_scalars(trial_logs, "epoch_mix")
+    strength = trial_json(run_dir, "0")["hyperparameters"]["values"]["strength"]
+    # The ramp spans the first epoch: its last step is one step short of the top.
+    assert 0.8 * strength < first < strength and last == pytest.approx(strength)
+
+
+def test_a_trial_stops_on_collapse_when_asked(tmp_path):
+    base = SimCLICConfig(dataset="digits", backbone="tiny_convnet", width=4, proj_dim=32,
+                         pred_hidden=8, batch_size=64, epochs=1, stop_on_collapse=True)
+    train_set, validation = hypermodel_module.validation_split(
+        sources.load_train_and_eval(base)[0], 0.1, seed=0)
+    model = hypermodel_module.SimCLICHyperModel(base, ("loss",), train_set, validation)
+    model.build(space("loss"))
+    assert model.pretraining.collapse_monitor.stop
+
+
 def test_bad_searches_are_clear_errors(tmp_path, capsys):
     def error(argv):
         with pytest.raises(SystemExit) as exit_info:
@@ -284,7 +323,7 @@ def test_bad_searches_are_clear_errors(tmp_path, capsys):
         "ablation": "loss", "tune": [], "objective": "knn", "val_fraction": 0.1,
         "config": SimCLICConfig(epochs=3).to_dict()}))
     message = error(["--ablation", "loss", "--epochs", "4", "--run-dir", str(tmp_path / "d")])
-    assert "--epochs 3 -> 4" in message and "--overwrite" in message
+    assert "--epochs 4 (saved: 3)" in message and "--overwrite" in message
 
 
 def test_the_table_marks_variants_not_run_yet():

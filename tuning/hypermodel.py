@@ -14,12 +14,12 @@ import dataclasses
 import keras
 import keras_tuner
 
-from simclic_tf import data
-from simclic_tf.callbacks import CollapseMonitor
 from simclic_tf.config import ConfigError, SimCLICConfig, choice_names, flag, value_type
 from simclic_tf.evaluation import evaluate_backbone
 from simclic_tf.registry import PERTURBATIONS
-from simclic_tf.run import build_model, pretrain_inputs
+from simclic_tf.sources import DataError
+from simclic_tf.faults import Diverged
+from simclic_tf.training import build_pretraining
 
 FIELDS = {field.name: field for field in dataclasses.fields(SimCLICConfig)}
 
@@ -137,14 +137,14 @@ def validation_split(train_set, fraction, seed):
     training set, rows kept in order. The tuner pretrains on `rest` and scores
     a trial on `validation`, so the test set never steers a choice."""
     if train_set.labels is None:
-        raise data.DataError(
+        raise DataError(
             "--dataset has no labels, so no labelled validation split can be held out of "
             "it for the tuner's objective; pass a labelled training set (dir:PATH with one "
             "folder per class, npz:PATH with y, or a labelled tensorflow-datasets name)")
     try:
         return train_set.stratified_split(fraction, seed)
     except ValueError as error:
-        raise data.DataError(
+        raise DataError(
             f"--val-fraction {fraction} cannot hold out a stratified split of the "
             f"{len(train_set)} training images ({train_set.num_classes} classes): {error}"
         ) from None
@@ -214,19 +214,25 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
         return trial_config(self.base, self.fields, hp)
 
     def build(self, hp):
+        """The trial's model, built with its input by `build_pretraining`
+        (so every knob acts as in `simclic train`), from the same seed."""
         config = self.config(hp)
         keras.utils.set_random_seed(config.seed)  # every trial starts from the same draw
-        return build_model(config, self.train_set)
+        self.pretraining = build_pretraining(config, self.train_set)
+        return self.pretraining.model
 
     def fit(self, hp, model, callbacks=(), **kwargs):
-        """Pretrains `model` and returns the last epoch's metrics: the objective,
-        `z_std`, `loss` (and the other one of kNN / linear when computed)."""
-        config = model.config
-        keras.utils.set_random_seed(config.seed)
-        _, pretrain = pretrain_inputs(config, self.train_set)
-        monitor = ValidationMonitor(self.train_set, self.validation, config,
+        """Pretrains `model` (from the last `build`) and returns the last
+        epoch's metrics: the objective, `z_std`, `z_rank`, `loss` (and the
+        other one of kNN / linear when computed). A trial that diverges scores
+        0 and says so (`diverged` 1) rather than ending the search."""
+        pretraining = self.pretraining
+        if model is not pretraining.model:
+            raise ValueError("SimCLICHyperModel.fit trains the model of its last build()")
+        monitor = ValidationMonitor(self.train_set, self.validation, pretraining.config,
                                     linear=self.objective == "linear")
-        model.fit(pretrain, epochs=config.epochs, shuffle=False, verbose=self.verbose,
-                  steps_per_epoch=config.epoch_steps(len(self.train_set)),
-                  callbacks=[monitor, CollapseMonitor(config.proj_dim), *callbacks])
+        try:
+            pretraining.fit([monitor, *callbacks], verbose=self.verbose)
+        except Diverged:
+            return {objective_name(self.objective): 0.0, "diverged": 1.0}
         return dict(monitor.final)

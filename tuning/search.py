@@ -26,16 +26,19 @@ finished epoch. Rerunning with a larger `--max-trials` extends the search.
 """
 
 import dataclasses
-import json
 import os
+import shutil
+from typing import Optional, Tuple
 
 import keras
 import keras_tuner
 
-from simclic_tf import data
+from simclic_tf import compat, sources
 from simclic_tf.callbacks import CollapseMonitor
-from simclic_tf.cli import add_config_flags, base_config
+from simclic_tf.cli import add_config_flags, add_knob_flags, config_from_args, flags_given, knobs_given
 from simclic_tf.config import ConfigError, SimCLICConfig
+from simclic_tf.knobs import Knobs, knob
+from simclic_tf.rundir import RunDirectory, refuse_contradictions
 from simclic_tf.tuning import table
 from simclic_tf.tuning.hypermodel import (ABLATIONS, EXTRA_KNOBS, OBJECTIVES,
                                           SimCLICHyperModel, ablation_fields, grid,
@@ -55,12 +58,12 @@ class GridOracle(keras_tuner.Oracle):
     """
 
     def populate_space(self, trial_id):
-        taken = [t.hyperparameters.values for t in self.trials.values()]
+        taken = [t.hyperparameters.values for t in compat.started_trials(self)]
         for values in grid(self.get_space()):
             if values not in taken:
                 return {"status": keras_tuner.engine.trial.TrialStatus.RUNNING,
                         "values": values}
-        if self.ongoing_trials:
+        if compat.has_running_trials(self):
             return {"status": keras_tuner.engine.trial.TrialStatus.IDLE, "values": None}
         return {"status": keras_tuner.engine.trial.TrialStatus.STOPPED, "values": None}
 
@@ -71,7 +74,7 @@ class BayesianOracle(keras_tuner.oracles.BayesianOptimizationOracle):
     always reports the reference point beside what it explores."""
 
     def populate_space(self, trial_id):
-        if not self.start_order:
+        if not compat.started_trials(self):
             return {"status": keras_tuner.engine.trial.TrialStatus.RUNNING,
                     "values": {p.name: p.default for p in self.get_space().space}}
         return super().populate_space(trial_id)
@@ -146,15 +149,25 @@ def write_hparams_experiment(logs_dir, hp, objective):
         hparams_api.hparams_config(hparams=hparams, metrics=metrics)
 
 
-@dataclasses.dataclass
-class Search:
-    """What a search needs besides the tuner: its settings and data."""
+@dataclasses.dataclass(frozen=True)
+class Search(Knobs):
+    """What a search needs besides the tuner: the config its trials start
+    from, and its settings, the knobs behind `simclic tune`'s own flags."""
     config: SimCLICConfig
-    ablation: str
-    tune: tuple = ()
-    objective: str = "knn"
-    val_fraction: float = 0.1
-    max_trials: int = None
+    ablation: Optional[str] = knob(
+        None, "what to vary: the paper's Table 4 (predictor), 5 (stop_gradient), 6 (loss), "
+        "the perturbation type, or the strength of --perturbation (history: and "
+        "history_momentum); needed to start a search, not to resume one", choices=ABLATIONS)
+    tune: Tuple[str, ...] = knob(
+        (), "also search these, a decade either side of their flag's value (log scale; the "
+        "search becomes Bayesian)", choices=EXTRA_KNOBS)
+    objective: str = knob("knn", "validation accuracy to maximise", choices=OBJECTIVES)
+    val_fraction: float = knob(
+        0.1, "labelled fraction of the training data held out to score trials",
+        range=(0.01, 0.9))
+    max_trials: Optional[int] = knob(
+        None, "trials at most (default: the whole grid; strength: "
+        f"{DEFAULT_BAYESIAN_TRIALS}); a rerun with more extends the search", range=(1, 100000))
 
     @property
     def run_dir(self):
@@ -252,16 +265,16 @@ def trial_config_values(search, values):
 def load_data(search):
     """(pretraining set, validation split): train.py's training set (its
     evaluation set is never used) less a stratified `val_fraction`."""
-    train_set, _ = data.load_train_and_eval(search.config)
+    train_set, _ = sources.load_train_and_eval(search.config)
     return validation_split(train_set, search.val_fraction, search.config.seed)
 
 
-def run_search(search, verbose=2):
-    """Runs (or resumes) the search; returns the results markdown."""
+def run_search(search, run_dir, verbose=2):
+    """Runs (or resumes) the search in the locked `run_dir`; returns the
+    results markdown."""
     train_set, validation = load_data(search)
     tuner, hp = build_tuner(search, train_set, validation, verbose)
-    with open(os.path.join(search.run_dir, "search.json"), "w") as f:
-        json.dump(search.settings(), f, indent=2, sort_keys=True)
+    run_dir.write_json("search.json", search.settings())
     tuner.search()
     return write_outputs(search, tuner, hp)
 
@@ -270,87 +283,62 @@ SUMMARY = "keras-tuner ablations (the paper's Tables 4 to 6) and strength search
 
 
 def add_arguments(parser):
-    tuning = parser.add_argument_group("search")
-    tuning.add_argument("--ablation", choices=ABLATIONS,
-                        help="what to vary: the paper's Table 4 (predictor), 5 "
-                        "(stop_gradient), 6 (loss), the perturbation type, or the strength "
-                        "of --perturbation (history: and history_momentum)")
-    tuning.add_argument("--max-trials", type=int,
-                        help="trials at most (default: the whole grid; strength: "
-                        f"{DEFAULT_BAYESIAN_TRIALS}); a rerun with more extends the search")
-    tuning.add_argument("--objective", choices=OBJECTIVES,
-                        help="validation accuracy to maximise (default: knn)")
-    tuning.add_argument("--val-fraction", type=float,
-                        help="labelled fraction of the training data held out to score "
-                        "trials (default: 0.1)")
-    tuning.add_argument("--tune", nargs="+", choices=EXTRA_KNOBS, default=None,
-                        help="also search these, a decade either side of their flag's value "
-                        "(log scale; the search becomes Bayesian)")
+    tuning = add_knob_flags(parser.add_argument_group("search"), Search)
     tuning.add_argument("--overwrite", action="store_true",
                         help="discard the search in --run-dir and start over")
     tuning.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     add_config_flags(parser)
 
 
-def search_from_args(args):
-    """The Search a command line asks for. A run directory that holds a search
-    resumes it: its saved settings are the defaults, and a flag that
-    contradicts them is an error."""
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimCLICConfig)
-                if getattr(args, f.name) is not None}
-    saved = None
-    if args.run_dir is not None or args.ablation is not None:
-        run_dir = args.run_dir or f"runs/ablation_{args.ablation}"
-        path = os.path.join(run_dir, "search.json")
-        if os.path.exists(path) and args.overwrite:
-            import shutil
-            for name in ("tuner", "logs", "search.json", "results.md", "results.csv",
-                         "trials.csv", "best_config.json"):
-                target = os.path.join(run_dir, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                elif os.path.exists(target):
-                    os.remove(target)
-        elif os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-    else:
-        raise ConfigError("--ablation is needed (or --run-dir of a search to resume)")
-    explicit["run_dir"] = run_dir
+# What a search leaves in its run directory: --overwrite removes these.
+SEARCH_OUTPUTS = ("tuner", "logs", "search.json", "results.md", "results.csv", "trials.csv",
+                  "best_config.json")
+
+
+def search_from_args(args, run_dir):
+    """The Search a command line asks for in the locked `run_dir`. A run
+    directory that holds a search resumes it: its saved settings are the
+    defaults, and a flag that contradicts them is an error (the comparison
+    `simclic train --resume` makes)."""
+    saved = run_dir.read_json("search.json")
+    if saved is not None and args.overwrite:
+        for name in SEARCH_OUTPUTS:
+            shutil.rmtree(run_dir.file(name), ignore_errors=True)
+            if os.path.isfile(run_dir.file(name)):
+                os.remove(run_dir.file(name))
+        saved = None
+    requested = config_from_args(args).replace(run_dir=run_dir.path)
+    settings = {name: value for name, value in flags_given(args, Search).items()
+                if name != "max_trials"}
     if saved is None:
         if args.ablation is None:
-            raise ConfigError(f"--run-dir {run_dir} holds no search to resume; "
+            raise ConfigError(f"--run-dir {run_dir.path} holds no search to resume; "
                               "--ablation is needed to start one")
-        base = base_config(args)
-        return Search(base.replace(**explicit), args.ablation,
-                      tuple(args.tune or ()), args.objective or "knn",
-                      args.val_fraction if args.val_fraction is not None else 0.1,
-                      args.max_trials)
+        return Search(requested, **flags_given(args, Search))
+    given = {name: value for name, value in knobs_given(args, requested).items()
+             if name != "run_dir"}
+    refuse_contradictions({**saved["config"], **saved}, {**given, **settings}, run_dir.path,
+                          what="search", remedy="pass --overwrite to start it over")
     # The run directory may have moved, or be spelled another way: it is where it is.
-    base = SimCLICConfig.from_dict(saved["config"]).replace(run_dir=run_dir)
-    requested = (base_config(args) if args.config or args.recipe else base).replace(**explicit)
-    changed = [f"--{name.replace('_', '-')} {getattr(base, name)} -> {getattr(requested, name)}"
-               for name in base.to_dict() if getattr(base, name) != getattr(requested, name)]
-    given = {"ablation": args.ablation, "tune": args.tune, "objective": args.objective,
-             "val_fraction": args.val_fraction}
-    changed += [f"--{name.replace('_', '-')} {saved[name]} -> {value}"
-                for name, value in given.items()
-                if value is not None and (list(value) if name == "tune" else value) != saved[name]]
-    if changed:
-        raise ConfigError(
-            f"--run-dir {run_dir} holds a search with other settings ({'; '.join(changed)}); "
-            "rerun with its settings to resume it, pass --overwrite to start over, or "
-            "choose another --run-dir")
-    return Search(base, saved["ablation"], tuple(saved["tune"]), saved["objective"],
+    return Search(SimCLICConfig.from_dict(saved["config"]).replace(run_dir=run_dir.path),
+                  saved["ablation"], tuple(saved["tune"]), saved["objective"],
                   saved["val_fraction"], args.max_trials)
+
+
+def search_dir(args):
+    """The run directory a command line names: --run-dir, else the ablation's."""
+    if args.run_dir is None and args.ablation is None:
+        raise ConfigError("--ablation is needed (or --run-dir of a search to resume)")
+    return args.run_dir or f"runs/ablation_{args.ablation}"
 
 
 def command(args, parser):
     """`simclic tune`: runs (or resumes) the search, prints its table."""
     try:
-        search = search_from_args(args)
-        text = run_search(search, verbose=0 if args.quiet else 2)
-    except (ConfigError, data.DataError) as error:
+        with RunDirectory(search_dir(args)) as run_dir:
+            search = search_from_args(args, run_dir)
+            text = run_search(search, run_dir, verbose=0 if args.quiet else 2)
+    except (ConfigError, sources.DataError) as error:
         parser.error(str(error))
     print(text)
     return 0

@@ -1,0 +1,137 @@
+"""Everything a pretraining run needs, built from its config alone: the one
+assembly that `simclic train`, the tuner, the benchmarks and a library user
+share, so that a knob acts the same wherever the config is used.
+
+    pretraining = build_pretraining(config, train_set)
+    pretraining.fit()                     # model.fit with its input and schedule
+    pretraining.model.backbone            # the encoder
+"""
+
+import dataclasses
+import logging
+import os
+
+import keras
+import tensorflow as tf
+
+from simclic_tf import augment, distribute, pipelines
+from simclic_tf.callbacks import CollapseMonitor, DivergenceGuard, KNNMonitor
+from simclic_tf.model import SimCLIC, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+    """A compiled SimCLIC model, its input and what `model.fit` needs.
+
+    Attributes:
+      config: the run's config, its budget-derived knobs filled in
+        (`derived`: {knob: value} of those).
+      model: the compiled `SimCLIC` (optimizer, schedules and ramp inside).
+      augmentation: the views' augmentation layer (seeded by `config.seed`).
+      dataset: the distributed pretraining input from `initial_epoch` on.
+      steps_per_epoch, initial_epoch: for `model.fit`.
+      callbacks: those that only observe or stop (collapse alarm, kNN
+        monitor, divergence guard); `fit` runs them before any of the caller's.
+    """
+
+    config: object
+    model: SimCLIC
+    augmentation: keras.layers.Layer
+    dataset: tf.data.Dataset
+    steps_per_epoch: int
+    initial_epoch: int = 0
+    callbacks: tuple = ()
+    derived: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_steps(self):
+        return self.config.epochs * self.steps_per_epoch
+
+    @property
+    def collapse_monitor(self):
+        return next(c for c in self.callbacks if isinstance(c, CollapseMonitor))
+
+    def fit(self, callbacks=(), **kwargs):
+        """`model.fit` over the config's epochs; returns its History."""
+        return self.model.fit(self.dataset, epochs=self.config.epochs,
+                              initial_epoch=self.initial_epoch,
+                              steps_per_epoch=self.steps_per_epoch, shuffle=False,
+                              callbacks=[*self.callbacks, *callbacks], **kwargs)
+
+
+def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=None,
+                      queries=None):
+    """The `Pretraining` of `config` on `train_set` (an `images.Images`) under
+    `strategy` (default: the current one), from `initial_epoch` on. With a
+    labelled kNN `memory` and `queries`, and `config.knn_every`, its callbacks
+    add kNN accuracy to the epoch logs."""
+    strategy = strategy or tf.distribute.get_strategy()
+    steps_per_epoch = config.epoch_steps(len(train_set))
+    config, derived = config.for_budget(steps_per_epoch)
+    augmentation, dataset = pretrain_inputs(config, train_set, strategy, initial_epoch)
+    model = build_model(config, train_set, strategy)
+    return Pretraining(config, model, augmentation, dataset, steps_per_epoch, initial_epoch,
+                       observers(config, memory, queries), derived)
+
+
+def observers(config, memory=None, queries=None):
+    """The callbacks that only observe or stop, in the order their values
+    must reach later callbacks' logs: the collapse alarm (which stops the run
+    with `config.stop_on_collapse`), the kNN monitor, the divergence guard."""
+    callbacks = [CollapseMonitor(config.proj_dim, stop=config.stop_on_collapse)]
+    if config.knn_every and memory is not None and queries is not None:
+        callbacks.append(KNNMonitor(memory, queries, config.knn_k, config.knn_t,
+                                    config.knn_every))
+    return (*callbacks, DivergenceGuard(config))
+
+
+def build_model(config, train_set, strategy=None):
+    """A compiled SimCLIC model for this config and training set: the
+    `--precision` policy and `--deterministic` set, model, optimizer and
+    metrics created under `strategy.scope()` (default: the current strategy),
+    `--jit` applied. model.fit then splits each global batch of `batch_size`
+    across replicas."""
+    strategy = strategy or tf.distribute.get_strategy()
+    distribute.set_precision(config.precision)
+    if config.deterministic:
+        make_deterministic()
+    steps_per_epoch = config.epoch_steps(len(train_set))
+    num_classes = train_set.num_classes if train_set.labels is not None else None
+    with strategy.scope():
+        model = SimCLIC(config, train_set.image_shape, len(train_set), num_classes)
+        model.compile(optimizer=build_optimizer(config, steps_per_epoch),
+                      jit_compile=distribute.jit_compile(config.jit, strategy))
+    return model
+
+
+def pretrain_inputs(config, train_set, strategy=None, initial_epoch=0):
+    """(augmentation, pretraining dataset) for this config from `initial_epoch`
+    on, distributed for `strategy` (default: the current one); train on it
+    with fit(steps_per_epoch=config.epoch_steps(len(train_set))). SimSiam's
+    augmentation seeded by `config.seed`, and labels in the batches when the
+    online probe needs them."""
+    shape = train_set.image_shape
+    augmentation = augment.build_augmentation(shape[:2], shape[-1],
+                                              crop_scale=(config.crop_min_scale, 1.0),
+                                              seed=config.seed)
+    return augmentation, pipelines.distribute_pretraining(
+        strategy or tf.distribute.get_strategy(), train_set, config.batch_size,
+        views=config.views, augment=augmentation, seed=config.seed,
+        with_labels=config.online_probe, epochs=config.epochs,
+        initial_epoch=initial_epoch, steps_per_epoch=config.epoch_steps(len(train_set)))
+
+
+def make_deterministic():
+    """Turns on TensorFlow's op determinism, for the rest of the process.
+
+    tf.data then runs the augmentation map one batch at a time, so the
+    augmentation layers' seed generators are read in batch order. oneDNN's CPU
+    kernels can still differ in the last bit now and then (1 run in 7 here);
+    TF_ENABLE_ONEDNN_OPTS=0, read when TensorFlow is imported, turns them off.
+    """
+    tf.config.experimental.enable_op_determinism()
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+        logger.warning("--deterministic: set TF_ENABLE_ONEDNN_OPTS=0 before the run "
+                       "for bit-identical results on x86 CPUs (oneDNN's kernels)")
