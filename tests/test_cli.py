@@ -43,7 +43,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["data"] == {"train_images": 1437, "test_images": 360, "image_shape": [8, 8, 1],
                               "num_classes": 10, "storage": "memory",
-                              "knn_memory_images": 1437}
+                              "knn_memory_images": 1437, "knn_classes": 10}
     for encoder in ("pretrained", "random_init"):
         # Even a tiny encoder's features classify digits far above chance (0.1).
         assert report[encoder]["knn_accuracy"] > 0.3

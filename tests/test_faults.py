@@ -141,8 +141,12 @@ def test_resume_refuses_flags_that_contradict_the_saved_run(tmp_path, capsys):
 def test_resume_on_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
     before = {name: (finished_run / name).read_bytes()
               for name in ("history.csv", "encoder.keras", "report.json")}
-    assert train(["--run-dir", str(finished_run), "--resume", "--epochs", "3"]) == 0
+    assert train(["--run-dir", str(finished_run), "--resume"]) == 0
     assert "is finished" in capsys.readouterr().out
+    # A flag that contradicts the finished run is named, not passed over.
+    code, message = refused(["--run-dir", str(finished_run), "--resume", "--epochs", "3"],
+                            capsys)
+    assert code == 2 and "--epochs 3 (saved: 1)" in message
     assert {name: (finished_run / name).read_bytes() for name in before} == before
 
 
