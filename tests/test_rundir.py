@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from simclic_tf import SimCLICConfig, rundir
+from simclic_tf.commands import command
 from simclic_tf.config import ConfigError
 from simclic_tf.faults import RunFinished
 
@@ -39,6 +40,15 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path, holder):
     with pytest.raises(rundir.RunDirBusy,
                        match=rf"--run-dir .*run is in use by process {holder.pid} \(.*-c"):
         rundir.RunDirectory(tmp_path / "run").lock()
+
+
+def test_a_search_into_a_locked_run_dir_is_refused_naming_the_holder(tmp_path, holder,
+                                                                      capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command("tune")(["--ablation", "loss", "--dataset", "digits", "--run-dir",
+                         str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert f"is in use by process {holder.pid}" in capsys.readouterr().err
 
 
 def test_a_killed_holders_lock_is_taken_over(tmp_path, holder, caplog):
