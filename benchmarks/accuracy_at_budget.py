@@ -49,7 +49,7 @@ from step_overhead import step_seconds  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLUMNS = ("encoder", "knn_accuracy", "linear_accuracy", "final_z_std", "wall_seconds")
-# The recipe of the README's equal-steps tables (chosen on the validation
+# The recipe of docs/benchmarks.md's equal-steps tables (chosen on the validation
 # split): the library's defaults but for base lr 0.06 and the paper's
 # projector and predictor sizes, 20 epochs of the 10k file.
 RECIPE = dict(epochs=20, base_lr=0.06, proj_dim=2048, pred_hidden=512, knn_every=5)
@@ -61,7 +61,7 @@ SSL_ROWS = {
     "noise": ("SimCLIC noise", dict(perturbation="noise")),
     "history_1view": ("SimCLIC history, 1 view", dict(perturbation="history", views=1)),
     # The perturbation before the predictor instead of on the target: the
-    # variants that led SimSiam in the validation screening (README, Benchmarks).
+    # variants that led SimSiam in the validation screening (docs/benchmarks.md).
     "noise_online": ("SimCLIC noise, online", dict(perturbation="noise", perturb="online")),
     "dropout_online": ("SimCLIC dropout, online", dict(perturbation="dropout", perturb="online")),
     # What no peer has tried: one view with the history on the online branch,

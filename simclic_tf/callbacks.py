@@ -14,7 +14,7 @@ from simclic_tf.evaluation import extract_features, knn_accuracy
 from simclic_tf.faults import Diverged, Interrupted
 
 # z_rank below this is a collapse: healthy runs ended at 0.33 to 0.61 here,
-# SimSiam without stop-gradient at 0.03 to 0.20 (README, Faults).
+# SimSiam without stop-gradient at 0.03 to 0.20 (docs/benchmarks.md, Collapse signals).
 COLLAPSED_RANK = 0.25
 
 

@@ -299,7 +299,7 @@ def read_values(path):
 
 
 # Short runs learn only if the predictor adapts much faster than the encoder
-# (30x, measured at 780 and 1,560 steps on CIFAR-10: README, Benchmarks); the
+# (30x, measured at 780 and 1,560 steps on CIFAR-10: docs/benchmarks.md); the
 # published 800-epoch SimSiam recipe (about 300,000 steps) uses 1x. Between
 # the two anchors the factor falls as a power law in the number of steps.
 PRED_LR_ANCHORS = ((1560, 30.0), (300_000, 1.0))
