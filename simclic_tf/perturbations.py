@@ -119,7 +119,7 @@ class HistoryPerturbation(Perturbation):
 
     default_strength = 1.0
     strength_range = (0.0, 1.0)
-    # The mix is a weight read in the step, so a callback can move it
+    # The mix is a weight read in the step, so the model's ramp can move it
     # (dropout's rate and the noise kernel's scale are fixed at build).
     rampable = True
 
@@ -137,10 +137,10 @@ class HistoryPerturbation(Perturbation):
             self.history_bank = history_bank.create(bank_layout, self.num_samples,
                                                     self.dim, bank_dtype)
             # The mix a in use: `strength`, unless the model's strength ramp
-            # sets it each step (the same value on every replica).
+            # sets it each step. On read, as the bank: each replica sets its
+            # own copy to the same value, with no cross-replica merge.
             self.mix = keras.Variable(self.strength, dtype="float32", trainable=False,
-                                      autocast=False, aggregation="only_first_replica",
-                                      name="mix")
+                                      autocast=False, name="mix", **history_bank.ON_READ)
 
     @classmethod
     def from_run_config(cls, config, num_samples):

@@ -60,7 +60,8 @@ def run(config, resume=False, given=None):
                        knn_classes=memory.num_classes)
         print(describe_data(train_set, test_set, memory))
 
-        rundir.start_training(run_dir, config, pretraining.derived, summary)
+        rundir.start_training(run_dir, config, pretraining.derived, summary,
+                              pretraining.total_steps)
         stop.run_dir = config.run_dir
         report = {"config": config.to_dict(), "data": summary,
                   "random_init": evaluate_backbone(model.backbone, memory, queries, config),

@@ -96,7 +96,11 @@ class RunDirectory:
         """Takes the exclusive lock, or raises `RunDirBusy` naming its holder."""
         path = self.file(self.LOCK_NAME)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:  # a lock file another user left, say
+                raise ConfigError(f"{self.flag_name} {self.path}: cannot open its lock file "
+                                  f"{path} ({error.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -106,6 +110,10 @@ class RunDirectory:
                     f"{self.flag_name} {self.path} is in use by {describe_holder(holder)}; "
                     "wait for it to end, stop it (a resumed run continues from its last "
                     "epoch), or choose another --run-dir") from None
+            except OSError as error:  # no locks on this file system (some NFS mounts)
+                os.close(fd)
+                raise ConfigError(f"{self.flag_name} {self.path} cannot be locked "
+                                  f"({error.strerror}); give a folder on a local disk") from None
             # The last holder may have removed the file between our open and
             # flock: then the lock is on a file nobody else will open again.
             if _same_file(fd, path):
@@ -174,12 +182,13 @@ def training_config(run_dir, config, resume, given):
     return saved
 
 
-def start_training(run_dir, config, derived, summary):
+def start_training(run_dir, config, derived, summary, total_steps):
     """Writes the run's config.json and data.json (the data's `summary`,
-    which a resume must match), after saying which knobs were derived."""
+    which a resume must match), after saying which knobs were derived from
+    the run's length of `total_steps` steps."""
     for name, value in derived.items():
-        logger.warning("%s %s, derived from the run's length; give the flag to override",
-                       flag(name), value)
+        logger.warning("%s %s, derived from the run's length (%d steps); give the flag to "
+                       "override", flag(name), value, total_steps)
     run_dir.write_json("data.json", summary)
     run_dir.write_json("config.json", config.to_dict())
 

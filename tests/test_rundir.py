@@ -170,7 +170,7 @@ def test_resume_checks_the_data_and_reads_the_backups_epoch(tmp_path):
     with rundir.RunDirectory(tmp_path) as run_dir:
         assert rundir.resumed_epoch(run_dir) == 0
         rundir.start_training(run_dir, SimCLICConfig(run_dir=str(tmp_path)), {},
-                              {"train_images": 10, "num_classes": 2})
+                              {"train_images": 10, "num_classes": 2}, total_steps=10)
         rundir.check_same_data(run_dir, {"train_images": 10, "num_classes": 2})
         with pytest.raises(ConfigError, match=r"train_images 12 \(saved: 10\)"):
             rundir.check_same_data(run_dir, {"train_images": 12, "num_classes": 2})

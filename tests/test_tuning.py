@@ -324,6 +324,13 @@ def test_bad_searches_are_clear_errors(tmp_path, capsys):
         "config": SimCLICConfig(epochs=3).to_dict()}))
     message = error(["--ablation", "loss", "--epochs", "4", "--run-dir", str(tmp_path / "d")])
     assert "--epochs 4 (saved: 3)" in message and "--overwrite" in message
+    # Flags apply over the saved search's config (a noise search), not the defaults'.
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "search.json").write_text(json.dumps({
+        "ablation": "loss", "tune": [], "objective": "knn", "val_fraction": 0.1,
+        "config": SimCLICConfig(perturbation="noise").to_dict()}))
+    message = error(["--strength", "5", "--run-dir", str(tmp_path / "e")])
+    assert "--strength 5.0 (saved: None)" in message
 
 
 def test_the_table_marks_variants_not_run_yet():

@@ -15,7 +15,7 @@ import keras
 import keras_tuner
 
 from simclic_tf.config import ConfigError, SimCLICConfig, choice_names, flag, value_type
-from simclic_tf.evaluation import evaluate_backbone
+from simclic_tf.evaluation import evaluate_backbone, labelled_memory
 from simclic_tf.registry import PERTURBATIONS
 from simclic_tf.sources import DataError
 from simclic_tf.faults import Diverged
@@ -155,8 +155,10 @@ class ValidationMonitor(keras.callbacks.Callback):
     validation split (`evaluate_backbone`, memory: the pretraining images and
     their labels), logged with a `val_` prefix: kNN after the last epoch and
     every `config.knn_every` epochs (0: last only), and with `linear` a linear
-    classifier's after the last epoch. `final` holds the last epoch's logs.
-    Put it before `keras.callbacks.TensorBoard` so the values reach TensorBoard."""
+    classifier's after the last epoch. `final` holds the last epoch's logs
+    (with the objective computed at the end when training stopped early, on
+    collapse with --stop-on-collapse, or resumed after its last epoch). Put it
+    before `keras.callbacks.TensorBoard` so the values reach TensorBoard."""
 
     def __init__(self, memory, validation, config, linear=False):
         super().__init__()
@@ -165,6 +167,7 @@ class ValidationMonitor(keras.callbacks.Callback):
         self.config = config.replace(finetune_epochs=0)
         self.linear = linear
         self.final = None
+        self.last_logs = {}
 
     def evaluate(self, linear):
         config = self.config.replace(linear_epochs=self.config.linear_epochs if linear else 0)
@@ -177,12 +180,13 @@ class ValidationMonitor(keras.callbacks.Callback):
         every = self.config.knn_every
         if last or (every and (epoch + 1) % every == 0):
             logs.update(self.evaluate(linear=last and self.linear))
+        self.last_logs = {key: float(value) for key, value in logs.items()}
         if last:
-            self.final = {key: float(value) for key, value in logs.items()}
+            self.final = self.last_logs
 
     def on_train_end(self, logs=None):
-        if self.final is None:  # resumed after the last epoch had finished
-            self.final = self.evaluate(linear=self.linear)
+        if self.final is None:
+            self.final = {**self.last_logs, **self.evaluate(linear=self.linear)}
 
 
 class SimCLICHyperModel(keras_tuner.HyperModel):
@@ -194,9 +198,12 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
       train_set: labelled ImageSet to pretrain on (the validation split removed).
       validation: labelled ImageSet that scores a trial.
       objective: "knn" or "linear".
+      strategy: the tf.distribute strategy trials train under (default: the
+        current one).
     """
 
-    def __init__(self, base, fields, train_set, validation, objective="knn", verbose=2):
+    def __init__(self, base, fields, train_set, validation, objective="knn", strategy=None,
+                 verbose=2):
         super().__init__(name="simclic")
         if objective not in OBJECTIVES:
             raise ConfigError(f"--objective {objective!r} is not accepted; choose one of: "
@@ -208,7 +215,9 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
         self.train_set = train_set
         self.validation = validation
         self.objective = objective
+        self.strategy = strategy
         self.verbose = verbose
+        self.initial_epoch = 0  # the tuner sets it when a trial resumes
 
     def config(self, hp):
         return trial_config(self.base, self.fields, hp)
@@ -218,7 +227,8 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
         (so every knob acts as in `simclic train`), from the same seed."""
         config = self.config(hp)
         keras.utils.set_random_seed(config.seed)  # every trial starts from the same draw
-        self.pretraining = build_pretraining(config, self.train_set)
+        self.pretraining = build_pretraining(config, self.train_set, self.strategy,
+                                             self.initial_epoch)
         return self.pretraining.model
 
     def fit(self, hp, model, callbacks=(), **kwargs):
@@ -229,7 +239,10 @@ class SimCLICHyperModel(keras_tuner.HyperModel):
         pretraining = self.pretraining
         if model is not pretraining.model:
             raise ValueError("SimCLICHyperModel.fit trains the model of its last build()")
-        monitor = ValidationMonitor(self.train_set, self.validation, pretraining.config,
+        config = pretraining.config
+        memory, _ = labelled_memory(self.train_set, self.validation, config.seed,
+                                    config.knn_bank_size)
+        monitor = ValidationMonitor(memory, self.validation, config,
                                     linear=self.objective == "linear")
         try:
             pretraining.fit([monitor, *callbacks], verbose=self.verbose)

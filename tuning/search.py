@@ -33,12 +33,13 @@ from typing import Optional, Tuple
 import keras
 import keras_tuner
 
-from simclic_tf import compat, sources
+from simclic_tf import compat, distribute, sources
 from simclic_tf.callbacks import CollapseMonitor
-from simclic_tf.cli import add_config_flags, add_knob_flags, config_from_args, flags_given, knobs_given
+from simclic_tf.cli import add_config_flags, add_knob_flags, base_config, flags_given, knobs_given
 from simclic_tf.config import ConfigError, SimCLICConfig
+from simclic_tf.faults import atomic_path
 from simclic_tf.knobs import Knobs, knob
-from simclic_tf.rundir import RunDirectory, refuse_contradictions
+from simclic_tf.rundir import RunDirectory, refuse_contradictions, resumed_epoch
 from simclic_tf.tuning import table
 from simclic_tf.tuning.hypermodel import (ABLATIONS, EXTRA_KNOBS, OBJECTIVES,
                                           SimCLICHyperModel, ablation_fields, grid,
@@ -108,6 +109,9 @@ class AblationTuner(keras_tuner.Tuner):
         ]
         try:
             keras.backend.clear_session()
+            # An interrupted trial's data resume at its backup's epoch too.
+            self.hypermodel.initial_epoch = resumed_epoch(
+                RunDirectory(self.get_trial_dir(trial.trial_id)))
             model = self.hypermodel.build(hp)
             return self.hypermodel.fit(hp, model, callbacks=callbacks)
         except Exception as error:
@@ -194,9 +198,9 @@ def check_grid(search, hp):
             raise ConfigError(f"--ablation {search.ablation} with {values}: {error}") from None
 
 
-def build_tuner(search, train_set, validation, verbose=2):
+def build_tuner(search, train_set, validation, strategy=None, verbose=2):
     hypermodel = SimCLICHyperModel(search.config, search.fields, train_set, validation,
-                                   search.objective, verbose=verbose)
+                                   search.objective, strategy, verbose=verbose)
     hp = search_space(search.config, search.fields)
     check_grid(search, hp)
     objective = keras_tuner.Objective(objective_name(search.objective), "max")
@@ -248,7 +252,8 @@ def write_outputs(search, tuner, hp):
     if best is not None:
         best_config = config.replace(**trial_config_values(search, best["values"]),
                                      run_dir=os.path.join(search.run_dir, "best"))
-        best_config.save(os.path.join(search.run_dir, "best_config.json"))
+        with atomic_path(os.path.join(search.run_dir, "best_config.json")) as partial:
+            best_config.save(partial)
         notes.append(f"best: trial {best['trial_id']} {best['values']} -> best_config.json "
                      "(python train.py --config FILE)")
     table.write_trials_csv(os.path.join(search.run_dir, "trials.csv"), fields, records)
@@ -270,10 +275,11 @@ def load_data(search):
 
 
 def run_search(search, run_dir, verbose=2):
-    """Runs (or resumes) the search in the locked `run_dir`; returns the
-    results markdown."""
+    """Runs (or resumes) the search in the locked `run_dir` under its
+    config's `--strategy`; returns the results markdown."""
+    strategy = distribute.make_strategy(search.config.strategy)  # Before other TF work.
     train_set, validation = load_data(search)
-    tuner, hp = build_tuner(search, train_set, validation, verbose)
+    tuner, hp = build_tuner(search, train_set, validation, strategy, verbose)
     run_dir.write_json("search.json", search.settings())
     tuner.search()
     return write_outputs(search, tuner, hp)
@@ -307,7 +313,10 @@ def search_from_args(args, run_dir):
             if os.path.isfile(run_dir.file(name)):
                 os.remove(run_dir.file(name))
         saved = None
-    requested = config_from_args(args).replace(run_dir=run_dir.path)
+    # Flags over the saved search's config (or over --config / --recipe).
+    base = (SimCLICConfig.from_dict(saved["config"])
+            if saved is not None and not (args.config or args.recipe) else base_config(args))
+    requested = base.replace(**{**flags_given(args), "run_dir": run_dir.path})
     settings = {name: value for name, value in flags_given(args, Search).items()
                 if name != "max_trials"}
     if saved is None:
