@@ -2,7 +2,7 @@
 CIFAR-10: the encoder at random initialisation, supervised training with
 labels (the upper reference), SimSiam (`none`) and the SimCLIC perturbations
 at two views and at one, alone and combined. Prints one table and writes it
-as CSV (and each row's run directory) under --out.
+as markdown and CSV under --out.
 
     python benchmarks/accuracy_at_budget.py                  # test-set table
     python benchmarks/accuracy_at_budget.py --validation     # recipe tuning

@@ -18,5 +18,5 @@ from simclic_tf.config import ConfigError, SimCLICConfig  # noqa: E402
 from simclic_tf.model import SimCLIC, build_optimizer  # noqa: E402
 from simclic_tf.training import build_pretraining  # noqa: E402
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["ConfigError", "SimCLIC", "SimCLICConfig", "build_optimizer", "build_pretraining"]

@@ -1,6 +1,6 @@
 """The one frozen dataclass that holds every knob of a SimCLIC run.
 
-The CLI flags (`train.py`), the keras-tuner search space (`tuning/`) and the
+The CLI flags (`cli.py`), the keras-tuner search space (`tuning/`) and the
 saved `config.json` of a run are all derived from the fields below and their
 metadata (`help`, `choices`, `range`; see knobs.py), so a knob is declared
 exactly once.

@@ -87,7 +87,7 @@ def main():
     np.savez(args.out, bank=layer.bank_rows(), visits=layer.visit_counts(),
              shard=layer.bank.numpy(), losses=losses,
              replicas=strategy.num_replicas_in_sync, seconds=time.time() - start)
-    model.save(os.path.splitext(args.out)[0] + ".keras")  # Every worker, as run.export.
+    model.save(os.path.splitext(args.out)[0] + ".keras")  # Every worker, as outputs.export.
     return 0
 
 
