@@ -36,6 +36,15 @@ def check(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+def test_the_strength_ramp_moves_every_replicas_mix_alike(tmp_path):
+    out = tmp_path / "ramp.json"
+    check(run_helper("ramp_mirrored.py", [out]))
+    result = json.loads(out.read_text())
+    np.testing.assert_allclose(result["mixes"], [0.0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8],
+                               rtol=1e-6)
+    assert result["copies"] == pytest.approx([0.8, 0.8])
+
+
 @pytest.mark.parametrize("precision, tolerance", [("float32", 1e-4),
                                                   ("mixed_float16", 2e-2)])
 def test_two_replicas_train_as_one_device(tmp_path, precision, tolerance):
