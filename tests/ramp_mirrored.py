@@ -12,18 +12,10 @@ import sys
 import two_logical_cpus  # noqa: F401 (first: before TensorFlow starts)
 import tensorflow as tf  # noqa: E402
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mix_recorder import MixRecorder  # noqa: E402
 from simclic_tf import SimCLIC, SimCLICConfig, build_optimizer  # noqa: E402
-
-
-class MixRecorder(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.mixes = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.mixes.append(float(np.ravel(logs["mix"])[0]))
 
 
 def main():

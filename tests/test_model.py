@@ -10,6 +10,8 @@ from keras import ops
 from simclic_tf import SimCLIC, SimCLICConfig, build_optimizer
 from simclic_tf.optimizers import GroupedSGD
 
+from mix_recorder import MixRecorder
+
 IMAGE_SHAPE = (8, 8, 1)
 BATCH = 16
 
@@ -173,16 +175,6 @@ def test_fit_lowers_the_loss(perturbation):
     history = fit_digits(model, epochs=4)
     assert history["loss"][-1] < history["loss"][0] - 0.1
     assert history["z_std"][-1] > 0.2 / np.sqrt(32)
-
-
-class MixRecorder(keras.callbacks.Callback):
-    """The history mix each training step used, as its batch logs report it."""
-
-    def on_train_begin(self, logs=None):
-        self.mixes = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.mixes.append(float(np.ravel(logs["mix"])[0]))
 
 
 def test_model_fit_alone_ramps_the_history_mix_from_zero_to_the_strength():
