@@ -4,6 +4,7 @@
 import keras
 from keras import layers
 
+from simclic_tf.backbones import batch_normalization
 from simclic_tf.registry import PREDICTORS
 
 
@@ -13,10 +14,10 @@ def build_projector(feature_dim, dim, bn_momentum=0.9):
     return keras.Sequential([
         keras.Input((feature_dim,)),
         layers.Dense(dim, use_bias=False),
-        layers.BatchNormalization(momentum=bn_momentum),
+        batch_normalization(momentum=bn_momentum),
         layers.ReLU(),
         layers.Dense(dim, use_bias=False),
-        layers.BatchNormalization(momentum=bn_momentum, center=False, scale=False),
+        batch_normalization(momentum=bn_momentum, center=False, scale=False),
     ], name="projector")
 
 
@@ -24,7 +25,7 @@ def _bottleneck_mlp(dim, hidden, name, trainable=True):
     return keras.Sequential([
         keras.Input((dim,)),
         layers.Dense(hidden, use_bias=False, trainable=trainable),
-        layers.BatchNormalization(center=trainable, scale=trainable),
+        batch_normalization(center=trainable, scale=trainable),
         layers.ReLU(),
         layers.Dense(dim, trainable=trainable),
     ], name=name)

@@ -44,3 +44,52 @@ def test_zero_init_residual_starts_each_block_as_the_identity():
     # Off by default: the residual branch then changes the features.
     plain = build_backbone("resnet18_cifar", (16, 16, 3), 4)
     assert float(np.asarray(plain.get_layer("stage1_block2_2_bn").gamma).min()) == 1.0
+
+
+@pytest.mark.parametrize("shape, affine", [((8, 6, 6, 4), True), ((16, 8), False)])
+def test_bfloat16_batch_norm_runs_fused_and_agrees_with_keras(shape, affine):
+    """Under mixed_bfloat16 our BatchNormalization runs TensorFlow's fused
+    kernel; it stays the stock class (saved backbones load anywhere) and
+    agrees with Keras's own call: outputs to about a bfloat16 bit, moving
+    statistics and gradients closely. Under float32 it is the stock layer."""
+    import tensorflow as tf
+
+    from simclic_tf.backbones import batch_normalization
+
+    assert "call" not in batch_normalization().__dict__  # float32: untouched
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        fused = batch_normalization(momentum=0.9, center=affine, scale=affine)
+        stock = keras.layers.BatchNormalization(momentum=0.9, center=affine, scale=affine)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert type(fused) is keras.layers.BatchNormalization and "call" in fused.__dict__
+    rng = np.random.default_rng(0)
+    x = tf.cast(rng.normal(2.0, 3.0, shape), "bfloat16")
+    gamma = rng.uniform(0.5, 1.5, shape[-1]).astype("float32")
+    weights = rng.normal(size=shape).astype("float32")
+    grads = []
+    for layer in (fused, stock):
+        layer.build(shape)
+        if affine:
+            layer.gamma.assign(gamma)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, "float32") * weights)
+        grads.append(tape.gradient(loss, [x] + layer.trainable_weights))
+        assert y.dtype == tf.bfloat16
+    graph = tf.function(lambda v: fused(v, training=True)).get_concrete_function(
+        tf.TensorSpec(shape, "bfloat16")).graph
+    assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+    outputs = [np.asarray(tf.cast(layer(x, training=True), "float32")) for layer in (fused, stock)]
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=0.02)
+    for a, b in zip(*grads):
+        a, b = np.asarray(tf.cast(a, "float32")), np.asarray(tf.cast(b, "float32"))
+        np.testing.assert_allclose(a, b, atol=0.03 * np.abs(b).max() + 1e-6)
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(np.asarray(getattr(fused, name)),
+                                   np.asarray(getattr(stock, name)), rtol=1e-4, atol=1e-5)
+    inference = [np.asarray(tf.cast(layer(x, training=False), "float32"))
+                 for layer in (fused, stock)]
+    np.testing.assert_allclose(inference[0], inference[1], atol=0.02)
