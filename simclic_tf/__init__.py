@@ -13,7 +13,7 @@ if (os.path.isfile(os.path.join(_checkout, "pyproject.toml"))
 
 from simclic_tf import compat  # noqa: E402 (quiets TensorFlow's start-up lines)
 from simclic_tf import (  # noqa: E402,F401 (registries)
-    backbones, file_sources, heads, losses, perturbations)
+    backbones, file_sources, heads, losses, methods, perturbations)
 from simclic_tf.config import ConfigError, SimCLICConfig  # noqa: E402
 from simclic_tf.model import SimCLIC, build_optimizer  # noqa: E402
 from simclic_tf.training import build_pretraining  # noqa: E402

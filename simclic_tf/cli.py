@@ -6,7 +6,8 @@ saved `config.json`, all agree on it."""
 import argparse
 import dataclasses
 
-from simclic_tf.config import RECIPE_DIR, SECTIONS, SimCLICConfig, read_values, recipe_names
+from simclic_tf.config import (RECIPE_DIR, SECTIONS, ConfigError, SimCLICConfig, read_values,
+                               recipe_names)
 from simclic_tf.knobs import choice_names, flag, item_type, knob_fields, value_type
 
 
@@ -81,10 +82,21 @@ def flags_given(args, knobs=SimCLICConfig):
             if getattr(args, field.name) is not None}
 
 
+def config_flags_given(args):
+    """`flags_given` of the config's knobs, refusing `--epochs` beside
+    `--time-budget`, which sizes the epochs itself."""
+    given = flags_given(args)
+    if "time_budget" in given and "epochs" in given:
+        raise ConfigError(f"{flag('epochs')} and {flag('time_budget')} both set how long "
+                          "pretraining runs; give one of them")
+    return given
+
+
 def config_from_args(args):
-    """The config a parsed command line asks for: `base_config`, then the
-    flags given explicitly."""
-    return base_config(args).replace(**flags_given(args))
+    """The config a parsed command line asks for: `base_config`, then
+    `--method`'s knobs (`SimCLICConfig.for_method`), then the flags given
+    explicitly."""
+    return SimCLICConfig.from_dict(config_flags_given(args), base_config(args))
 
 
 def knobs_given(args, config):

@@ -9,13 +9,14 @@ exactly once.
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
 # Also imported from here: ConfigError, flag and value_type (re-exported).
 from simclic_tf.knobs import (ConfigError, Knobs, checked, choice_names,  # noqa: F401
                               flag, knob, value_type)
-from simclic_tf.registry import BACKBONES, LOSSES, PERTURBATIONS, PREDICTORS
+from simclic_tf.registry import BACKBONES, LOSSES, METHODS, PERTURBATIONS, PREDICTORS
 
 
 def config_field(name):
@@ -46,7 +47,7 @@ def config_knob(name):
 # The config's sections, each named with its first field (the fields below
 # are grouped in this order): `--help` lists the flags by them.
 SECTIONS = (("data", "dataset"), ("model", "backbone"), ("perturbation", "perturbation"),
-            ("objective", "views"), ("optimisation", "batch_size"), ("evaluation", "knn_k"),
+            ("objective", "method"), ("optimisation", "batch_size"), ("evaluation", "knn_k"),
             ("scale", "strategy"), ("run", "seed"))
 
 
@@ -126,16 +127,35 @@ class SimCLICConfig(Knobs):
         "first use), the TensorFlow functions (tf), or auto (the custom ops where they "
         "build, else tf)", choices=("auto", "custom_op", "tf")
     )
+    queue_size: int = knob(
+        8192, "rows of the nearest_neighbour perturbation's support queue: the last this "
+        "many first-view z (NNSiam, NNCLR)", range=(1, 1 << 24))
     # Objective.
+    method: str = knob(
+        "simclic", "the method, as knobs of this model: sets the knobs that define it and "
+        "its recipe's (simclic_tf/methods.py); flags given override the recipe's",
+        choices=METHODS)
     views: int = knob(2, "augmented views per image", choices=(1, 2))
     perturb: str = knob(
         "target", "branch the perturbation is applied to", choices=("target", "online")
     )
     stop_gradient: bool = knob(True, "stop the gradient through the target branch")
+    target_momentum: float = knob(
+        0.0, "BYOL's momentum target: the target z come from a copy of the backbone and "
+        "projector updated t <- tau t + (1 - tau) o after each step, tau rising from this "
+        "value to 1 by a cosine over the run; 0: the target shares the online weights",
+        range=(0.0, 0.9999))
     loss: str = knob("cosine", "distance D(p, t)", choices=LOSSES)
+    temperature: float = knob(
+        0.5, "temperature of the nt_xent loss (SimCLR's CIFAR-10 value)", range=(0.01, 10.0))
     # Optimisation.
     batch_size: int = knob(128, "global batch size", range=(2, 1 << 20))
     epochs: int = knob(20, "pretraining epochs", range=(1, 100000))
+    time_budget: Optional[str] = knob(
+        None, "pretrain for this wall-clock time instead of --epochs (90s, 30m, 2h): the "
+        "first steps are timed, then the epochs (and steps per epoch) sized to fill it, "
+        "with the schedules fitted to that length; saved in config.json, which keeps the "
+        "length chosen. Evaluation comes after it, timed apart")
     base_lr: float = knob(0.12, "learning rate at batch 256 (lr = base_lr * B / 256)",
                           range=(0.0, 100.0))
     momentum: float = knob(0.9, "SGD momentum", range=(0.0, 0.999))
@@ -187,9 +207,11 @@ class SimCLICConfig(Knobs):
         False, "cross-replica BatchNorm (statistics over the global batch) in the backbone, "
         "projector and predictor")
     precision: str = knob(
-        "float32", "compute precision; the mixed policies keep float32 weights, loss, "
-        "normalisations and history math (float16 adds dynamic loss scaling)",
-        choices=("float32", "mixed_float16", "mixed_bfloat16"))
+        "auto", "compute precision; the mixed policies keep float32 weights, loss, "
+        "normalisations and history math (float16 adds dynamic loss scaling); auto: "
+        "mixed_bfloat16 where the CPU (AVX-512 BF16 or AMX) or the GPUs (capability 8.0 "
+        "or more) compute bfloat16 natively, else float32; config.json holds the pick",
+        choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"))
     jit: Optional[bool] = knob(
         None, "XLA-compile the training step (model.compile(jit_compile=...)); "
         "default: Keras's auto (on where a GPU is visible)")
@@ -205,6 +227,13 @@ class SimCLICConfig(Knobs):
     run_dir: str = knob("runs/latest", "directory for logs, checkpoints and report")
 
     def _check_combinations(self):
+        METHODS.get(self.method).check(self)
+        if self.perturbation == "nearest_neighbour" and self.queue_size < self.batch_size:
+            raise ConfigError(
+                f"--queue-size {self.queue_size} is below --batch-size {self.batch_size}: each "
+                "step enqueues the whole batch; give a queue at least one batch long")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
         if self.views == 1 and self.perturbation == "none":
             raise ConfigError(
                 "--views 1 needs a perturbation (--perturbation history, dropout "
@@ -232,6 +261,13 @@ class SimCLICConfig(Knobs):
                 f"--strength-ramp is not accepted with --perturbation {self.perturbation}; "
                 f"it ramps the history mix of: {', '.join(rampable)}")
 
+    def for_method(self, name, **overrides):
+        """This config made method `name` (simclic_tf/methods.py): the
+        method's knobs, then `overrides` (the flags given); an override that
+        contradicts a knob defining the method is a ConfigError."""
+        name = checked_value("method", name)
+        return self.replace(**{**METHODS.get(name).knobs(), **overrides, "method": name})
+
     def for_budget(self, steps_per_epoch):
         """(this config with every budget-derived knob left at None filled in,
         {knob: derived value}). A derived value is what `derive_pred_lr_scale`
@@ -255,13 +291,17 @@ class SimCLICConfig(Knobs):
 
     @classmethod
     def from_dict(cls, values, base=None):
-        """`base` (default: the defaults) with the keys of `values` replaced."""
+        """`base` (default: the defaults) with the keys of `values` replaced,
+        after the knobs of the method that `values` names, if any (`for_method`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
                 f"unknown config keys {unknown}; accepted: {', '.join(sorted(known))}"
             )
+        values = dict(values)
+        if "method" in values:
+            return (base or cls()).for_method(values.pop("method"), **values)
         return (base or cls()).replace(**values)
 
     def save(self, path):
@@ -311,6 +351,18 @@ def derive_pred_lr_scale(total_steps):
     exponent = math.log(fast / slow) / math.log(long / short)
     factor = fast * (short / max(total_steps, 1)) ** exponent
     return round(min(fast, max(slow, factor)), 2)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text):
+    """Seconds of a duration such as '90s', '30m', '2h' or '1.5h'."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh])\s*", str(text))
+    if not match or float(match[1]) <= 0:
+        raise ConfigError(f"--time-budget {text!r} is not a duration; accepted: a positive "
+                          "number with s, m or h, such as 90s, 30m or 2h")
+    return float(match[1]) * DURATION_UNITS[match[2]]
 
 
 RECIPE_DIR = Path(__file__).parent / "recipes"

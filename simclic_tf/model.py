@@ -16,8 +16,9 @@ from simclic_tf import compat, distribute
 from simclic_tf.backbones import build_backbone
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.heads import build_projector
+from simclic_tf.losses import build_distance
 from simclic_tf.optimizers import GroupedSGD, ParameterGroup
-from simclic_tf.registry import LOSSES, PERTURBATIONS, PREDICTORS
+from simclic_tf.registry import PERTURBATIONS, PREDICTORS
 
 
 Objective = collections.namedtuple("Objective", ["loss", "z", "features"])
@@ -61,6 +62,10 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
     With `online_probe`, the data are `(views, indices, labels)` and a linear
     classifier learns from the first view's backbone features behind a
     stop-gradient: it watches the encoder without steering it.
+
+    With `target_momentum` (BYOL), `target_backbone` and `target_projector`
+    give the target branch's z: frozen copies of the online ones, moved
+    towards them after each step (`update_target`).
     """
 
     def __init__(self, config, image_shape, num_samples, num_classes=None, backbone=None,
@@ -86,9 +91,14 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         self.predictor = PREDICTORS.get(config.predictor)(config.proj_dim, config.pred_hidden)
         self.perturbation = PERTURBATIONS.get(config.perturbation).from_run_config(
             config, self.num_samples)
-        self.distance = LOSSES.get(config.loss)
-        self.strength_schedule = strength_schedule(
-            config, self.perturbation, config.epochs * config.epoch_steps(self.num_samples))
+        self.distance = build_distance(config)
+        total_steps = config.epochs * config.epoch_steps(self.num_samples)
+        self.strength_schedule = strength_schedule(config, self.perturbation, total_steps)
+        self.momentum_schedule = None
+        if config.target_momentum:
+            self.target_backbone = frozen_copy(self.backbone, "target_backbone")
+            self.target_projector = frozen_copy(self.projector, "target_projector")
+            self.momentum_schedule = momentum_schedule(config.target_momentum, total_steps)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.z_rank_tracker = keras.metrics.Mean(name="z_rank")
@@ -118,12 +128,19 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
 
         With views=2: D(p1, sg(t2)) / 2 + D(p2, sg(t1)) / 2; with views=1:
         D(p, sg(t)). `perturb="online"` moves P before the predictor and
-        takes the unperturbed z as the target.
+        takes the unperturbed z as the target. With a target encoder (BYOL),
+        the target branch's z are its own.
         """
         features = [self.backbone(view, training=training) for view in views]
         zs = tuple(self.projector(f, training=training) for f in features)
-        perturbed = self.perturbation(zs, indices, training=training)
-        online, targets = (zs, perturbed) if self.config.perturb == "target" else (perturbed, zs)
+        target_zs = zs
+        if self.momentum_schedule is not None:
+            target_zs = tuple(self.target_projector(self.target_backbone(view, training=training),
+                                                    training=training) for view in views)
+        if self.config.perturb == "target":
+            online, targets = zs, self.perturbation(target_zs, indices, training=training)
+        else:
+            online, targets = self.perturbation(zs, indices, training=training), target_zs
         predictions = [self.predictor(z, training=training) for z in online]
         if self.config.stop_gradient:
             targets = [ops.stop_gradient(t) for t in targets]
@@ -157,7 +174,20 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
             scaled = self.optimizer.scale_loss(total / replicas)
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
+        if self.momentum_schedule is not None:
+            self.update_target(self.momentum_schedule(self.optimizer.iterations - 1))
         return self._update_metrics(loss, z)
+
+    def update_target(self, tau):
+        """BYOL's step t <- tau t + (1 - tau) o for each weight o of the
+        online backbone and projector that the optimizer trains and its
+        target copy t. Every replica moves its own copy from the same
+        values, so the copies stay identical without a collective."""
+        pairs = zip(self.backbone.weights + self.projector.weights,
+                    self.target_backbone.weights + self.target_projector.weights)
+        for online, target in pairs:
+            if online.trainable:
+                target.assign(tau * target + (1 - tau) * online)
 
     def test_step(self, data):
         views, indices, *labels = data
@@ -212,6 +242,27 @@ def strength_schedule(config, perturbation, total_steps):
     return keras.optimizers.schedules.PolynomialDecay(
         initial_learning_rate=0.0, end_learning_rate=perturbation.strength,
         decay_steps=max(1, round(config.strength_ramp * total_steps)), power=1.0)
+
+
+def momentum_schedule(base, total_steps):
+    """BYOL's target momentum at an optimizer step: from `base` at the first
+    step up to 1 at `total_steps` by a cosine, 1 - (1 - base) (cos(pi k / K) + 1) / 2
+    (Grill et al. 2020). From the optimizer's step, as the strength ramp."""
+    rest = keras.optimizers.schedules.CosineDecay(1.0 - base, decay_steps=max(1, total_steps))
+    return lambda step: 1.0 - rest(step)
+
+
+def frozen_copy(model, name):
+    """BYOL's target network: a copy of `model` holding its weights (their
+    paths start with `name`), none of them trainable. Its layers stay
+    trainable, so that its BatchNorms use batch statistics in training, as
+    BYOL's target does."""
+    with keras.name_scope(name):
+        copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for weight in copy.weights:
+        weight.trainable = False
+    return copy
 
 
 def build_optimizer(config, steps_per_epoch):

@@ -9,7 +9,7 @@ view; `strength` is the single knob the tuner searches.
 import keras
 from keras import ops
 
-from simclic_tf import history_bank, kernels
+from simclic_tf import distribute, history_bank, kernels
 from simclic_tf.registry import PERTURBATIONS
 
 
@@ -221,3 +221,74 @@ class HistoryThenDropout(HistoryThen):
     """dropout(normalize(a H^[i] + (1 - a) z^), 0.2)."""
 
     then = DropoutPerturbation
+
+
+@PERTURBATIONS.register("nearest_neighbour")
+@keras.saving.register_keras_serializable("simclic_tf")
+class NearestNeighbourPerturbation(Perturbation):
+    """The target is z's nearest neighbour (highest cosine) in a support
+    queue of the last `queue_size` l2-normalised first-view z: NNCLR's
+    target (Dwibedi et al. 2021), NNSiam's on SimSiam.
+
+    The queue, its write pointer and its filled row count are non-trainable
+    weights, so checkpoints and `.keras` files carry them; rows never written
+    are skipped, and z itself is the target until one is. In training, after
+    the lookup, the queue takes the batch's first-view z first in, first out;
+    under tf.distribute the global batch's, all-gathered in replica order, so
+    that every replica's copy (on read, as the history bank's) takes the same
+    writes and stays identical. Each step reads the whole queue (the lookup is
+    a batch x queue_size product), so it is rewritten whole too.
+    """
+
+    def __init__(self, queue_size, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.queue_size = int(queue_size)
+        self.dim = int(dim)
+        with keras.name_scope(self.name, caller=self):
+            self.queue = keras.Variable(initializer="zeros", shape=(self.queue_size, self.dim),
+                                        dtype="float32", trainable=False, autocast=False,
+                                        name="queue", **history_bank.ON_READ)
+            self.pointer, self.filled = (
+                keras.Variable(0, dtype="int32", trainable=False, autocast=False, name=name,
+                               **history_bank.ON_READ) for name in ("pointer", "filled"))
+
+    @classmethod
+    def from_run_config(cls, config, num_samples):
+        return cls(config.queue_size, config.proj_dim, seed=config.seed,
+                   kernel_impl=config.kernel_impl)
+
+    def call(self, zs, indices, training=False):
+        queue = ops.convert_to_tensor(self.queue)
+        filled = ops.convert_to_tensor(self.filled)
+        targets = tuple(self.nearest(z, queue, filled) for z in zs)
+        if training:
+            self.enqueue(zs[0], indices)
+        return targets
+
+    def nearest(self, z, queue, filled):
+        """The queue row of highest cosine with each row of z, among the
+        `filled` rows written; z itself while none is."""
+        similarity = ops.matmul(ops.normalize(ops.cast(z, "float32"), axis=-1),
+                                ops.transpose(queue))
+        written = ops.arange(self.queue_size) < filled
+        neighbours = ops.take(queue, ops.argmax(ops.where(written, similarity, -2.0), axis=-1),
+                              axis=0)
+        return ops.where(filled > 0, ops.cast(neighbours, z.dtype), z)
+
+    def enqueue(self, z, indices):
+        """Writes the (global) batch's l2-normalised z at the pointer, first
+        in, first out."""
+        rows = ops.stop_gradient(ops.normalize(ops.cast(z, "float32"), axis=-1))
+        context = distribute.replica_context()
+        if context is not None:
+            _, rows, _, _ = distribute.gather_global_batch(
+                context, ops.cast(indices, "int32"), rows)
+        count = ops.shape(rows)[0]
+        pointer = ops.convert_to_tensor(self.pointer)
+        positions = (pointer + ops.arange(count, dtype="int32")) % self.queue_size
+        self.queue.assign(ops.scatter_update(self.queue, positions[:, None], rows))
+        self.pointer.assign((pointer + count) % self.queue_size)
+        self.filled.assign(ops.minimum(self.filled + count, self.queue_size))
+
+    def get_config(self):
+        return {**super().get_config(), "queue_size": self.queue_size, "dim": self.dim}

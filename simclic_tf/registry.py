@@ -1,4 +1,4 @@
-"""Name -> class registries: a new backbone, perturbation or data source is
+"""Name -> class registries: a new backbone, perturbation, method or data source is
 one class plus one `@REGISTRY.register("name")` line, and every consumer (config
 validation, CLI choices, tuner search space) sees it."""
 
@@ -37,3 +37,4 @@ BACKBONES = Registry("backbone")
 PERTURBATIONS = Registry("perturbation")
 PREDICTORS = Registry("predictor")
 LOSSES = Registry("loss")
+METHODS = Registry("method")

@@ -88,7 +88,7 @@ def test_the_search_space_comes_from_the_config():
     for name in PERTURBATIONS.names():
         perturbation = PERTURBATIONS.get(name)
         if perturbation.strength_range is None:
-            with pytest.raises(ValueError, match="--perturbation none has no strength"):
+            with pytest.raises(ValueError, match=f"--perturbation {name} has no strength"):
                 space("strength", perturbation=name)
             continue
         hp = space("strength", perturbation=name)
