@@ -9,9 +9,10 @@ as markdown and CSV under --out.
     python benchmarks/accuracy_at_budget.py --equal-wall --rows none,history_1view
 
 With --equal-wall the budget is SimSiam's wall-clock time instead of its
-steps: a row whose step is cheaper (one view) gets the epochs that fill the
-time of SimSiam's, from the two steps' times measured here, in turn, on one
-batch before training.
+steps: SimSiam runs first for --epochs, and every other row then gets its
+pretraining seconds as `--time-budget`, which times the row's own steps and
+sizes its epochs to fill them (simclic_tf/budget.py). `--time-budget 20m`
+instead gives every row, SimSiam's too, that budget.
 
 Pretraining reads `cifar10_train_10k.npz` (its labels serve only the kNN
 memory, the linear classifier and the supervised row) and evaluation
@@ -44,16 +45,18 @@ from simclic_tf.backbones import build_backbone  # noqa: E402
 from simclic_tf.cli import add_config_flags, base_config  # noqa: E402
 from simclic_tf.evaluation import evaluate_backbone, labelled_memory  # noqa: E402
 from simclic_tf.finetune import FineTuneConfig, finetune  # noqa: E402
+from simclic_tf.registry import METHODS  # noqa: E402
 from simclic_tf.training import build_pretraining  # noqa: E402
-from step_overhead import step_seconds  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-COLUMNS = ("encoder", "knn_accuracy", "linear_accuracy", "final_z_std", "wall_seconds")
+COLUMNS = ("encoder", "knn_accuracy", "linear_accuracy", "final_z_std", "steps",
+           "wall_seconds")
 # The recipe of docs/benchmarks.md's equal-steps tables (chosen on the validation
 # split): the library's defaults but for base lr 0.06 and the paper's
 # projector and predictor sizes, 20 epochs of the 10k file.
 RECIPE = dict(epochs=20, base_lr=0.06, proj_dim=2048, pred_hidden=512, knn_every=5)
-# key: (row label, config changes): only `perturbation`, `perturb` and `views` differ.
+# key: (row label, config changes): `perturbation`, `perturb` and `views`, or
+# a rival `method` with the knobs it sets (SimCLICConfig.for_method).
 SSL_ROWS = {
     "none": ("SimSiam (none)", dict(perturbation="none")),
     "history": ("SimCLIC history", dict(perturbation="history")),
@@ -76,6 +79,9 @@ SSL_ROWS = {
                      dict(perturbation="history", strength_ramp=0.5)),
     "history_ramp_1view": ("SimCLIC history, 1 view, ramped",
                            dict(perturbation="history", views=1, strength_ramp=0.5)),
+    # The rival methods on the same encoder, heads and optimiser (simclic_tf/methods.py).
+    **{method: (label, dict(method=method, **METHODS.get(method).knobs()))
+       for method, label in (("byol", "BYOL"), ("simclr", "SimCLR"), ("nnsiam", "NNSiam"))},
 }
 
 
@@ -118,28 +124,21 @@ def supervised_row(config, train_set, test_set):
 
 
 def ssl_rows(config, train_set, test_set):
-    """(random-init row, pretrained row) of pretraining `config` as
-    `simclic train` does (`build_pretraining`), evaluated on `test_set`."""
+    """(random-init row, pretrained row, pretraining seconds) of pretraining
+    `config` as `simclic train` does (`build_pretraining`), evaluated on
+    `test_set`. The seconds are its `BudgetClock`'s: build, any budget
+    timing and the fit, not the evaluations."""
     keras.utils.set_random_seed(config.seed)
     memory, queries = labelled_memory(train_set, test_set, config.seed)
     pretraining = build_pretraining(config, train_set, memory=memory, queries=queries)
     backbone = pretraining.model.backbone
     random_init = evaluate_backbone(backbone, memory, queries, config)
-    start = time.time()
     history = pretraining.fit(verbose=2).history
-    wall = time.time() - start
+    seconds = pretraining.clock.seconds
     return ({"encoder": "random init", **random_init, "final_z_std": "", "wall_seconds": 0},
             {**evaluate_backbone(backbone, memory, queries, config),
-             "final_z_std": round(history["z_std"][-1], 4), "wall_seconds": round(wall)})
-
-
-def equal_wall_epochs(base, rows, image_shape, num_samples):
-    """{row key: epochs} that give each row SimSiam's wall time at `base.epochs`,
-    from their training steps timed in turn on one random batch."""
-    images = np.random.default_rng(0).random((base.batch_size, *image_shape), "float32")
-    configs = {key: base.replace(**SSL_ROWS[key][1]) for key in {"none", *rows}}
-    seconds = step_seconds(configs, images, num_samples)
-    return {key: max(1, round(base.epochs * seconds["none"] / seconds[key])) for key in rows}
+             "final_z_std": round(history["z_std"][-1], 4), "wall_seconds": round(seconds),
+             "steps": pretraining.model.optimizer.iterations.numpy().item()}, seconds)
 
 
 def main():
@@ -175,16 +174,18 @@ def main():
     if unknown:
         parser.error(f"--rows: unknown {sorted(unknown)}; choose from {list(SSL_ROWS)}")
     train_set, test_set = sources.load_train_and_eval(base)
-    epochs = {key: base.epochs for key in wanted}
-    if args.equal_wall:
-        epochs = equal_wall_epochs(base, wanted, train_set.images.shape[1:], len(train_set))
-    rows = []
+    if args.equal_wall:  # SimSiam first: its pretraining time is the others' budget
+        wanted = ["none"] + [key for key in wanted if key != "none"]
+    rows, simsiam_seconds = [], None
     for key in wanted:
         name, changes = SSL_ROWS[key]
-        if epochs[key] != base.epochs:
-            name += f" ({epochs[key]} epochs: SimSiam's wall time)"
-        random_init, pretrained = ssl_rows(base.replace(epochs=epochs[key], **changes),
-                                           train_set, test_set)
+        config = base.replace(**changes)
+        if args.equal_wall and key != "none":
+            config = config.replace(time_budget=f"{simsiam_seconds:.0f}s")
+            name += f" (SimSiam's time, {config.time_budget})"
+        random_init, pretrained, seconds = ssl_rows(config, train_set, test_set)
+        if key == "none":
+            simsiam_seconds = seconds
         rows += [random_init] if not rows else []
         rows.append({**pretrained, "encoder": name})
     if not args.no_supervised:

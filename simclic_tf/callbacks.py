@@ -40,8 +40,11 @@ class KNNMonitor(keras.callbacks.Callback):
         # Always after the first epoch too: its keys fix the columns of CSVLogger.
         if logs is None or (epoch > 0 and (epoch + 1) % self.every):
             return
-        backbone = self.model.backbone
-        logs["knn_accuracy"] = knn_accuracy(
+        logs["knn_accuracy"] = self.accuracy(self.model.backbone)
+
+    def accuracy(self, backbone):
+        """The kNN accuracy of `backbone`'s features of the queries."""
+        return knn_accuracy(
             extract_features(backbone, self.memory), self.memory.labels,
             extract_features(backbone, self.queries), self.queries.labels,
             self.memory.num_classes, k=self.k, temperature=self.temperature)

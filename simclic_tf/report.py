@@ -100,6 +100,10 @@ def markdown(report):
         data_line(report["data"], config.get("knn_bank_size")),
         f"- pretraining wall time {report['train_seconds']:.0f} s",
     ]
+    if report.get("budget"):
+        lines.append(budget_line(report["budget"], report["steps"]))
+    if report.get("precision_pick"):
+        lines.append(f"- precision {report['precision_pick']} (--precision auto)")
     if report.get("derived"):
         lines.append(f"- derived from the run's length ({report['steps']} steps; give the "
                      "flag to override): " + ", ".join(
@@ -110,6 +114,17 @@ def markdown(report):
             f"![{title}]({name})" for title, name in report["pictures"].items()]
     lines += ["", *settings(config)]
     return "\n".join(lines) + "\n"
+
+
+def budget_line(budget, steps):
+    """What --time-budget chose and spent."""
+    chosen = (f"{budget['epochs']} epochs x {budget['steps_per_epoch']} steps = {steps} steps "
+              f"chosen from a step of {budget['step_seconds']:.3f} s timed over "
+              f"{budget['timed_steps']} steps; " if "epochs" in budget else "")
+    ending = (f"the budget ran out at step {budget['ran_out_at_step']}, before the planned end"
+              if budget["ran_out_at_step"] is not None else "the planned steps all ran")
+    return (f"- time budget {budget['budget_seconds']:.0f} s: {chosen}pretraining took "
+            f"{budget['seconds']:.0f} s (timing and start-up included); {ending}")
 
 
 def settings(config):

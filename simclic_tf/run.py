@@ -14,6 +14,7 @@ initialisation), export and report, in one run directory:
     run_dir/*.png           training curves, augmented views, embedding map
 """
 
+import dataclasses
 import os
 import shutil
 import time
@@ -54,7 +55,8 @@ def run(config, resume=False, given=None):
                                           config.knn_bank_size)
         pretraining = build_pretraining(config, train_set, strategy,
                                          rundir.resumed_epoch(run_dir) if resume else 0,
-                                         memory, queries)
+                                         memory, queries,
+                                         spent_seconds(run_dir) if resume else 0.0)
         config, model = pretraining.config, pretraining.model
         summary.update(storage=train_set.storage, knn_memory_images=len(memory),
                        knn_classes=memory.num_classes)
@@ -65,7 +67,8 @@ def run(config, resume=False, given=None):
         stop.run_dir = config.run_dir
         report = {"config": config.to_dict(), "data": summary,
                   "random_init": evaluate_backbone(model.backbone, memory, queries, config),
-                  "steps": pretraining.total_steps, "derived": pretraining.derived}
+                  "steps": pretraining.total_steps, "derived": pretraining.derived,
+                  "precision_pick": pretraining.precision_pick}
         outputs.draw_views(train_set, pretraining.augmentation, config.run_dir)
         start = time.time()
         try:
@@ -78,6 +81,8 @@ def run(config, resume=False, given=None):
         finally:
             stop.training = False  # a signal from here on stops at once
         report["train_seconds"] = time.time() - start
+        if config.time_budget:
+            report["budget"] = budget_report(pretraining)
 
         outputs.export(model, config.run_dir)
         rows = outputs.history_rows(run_dir.file("history.csv"))
@@ -87,6 +92,24 @@ def run(config, resume=False, given=None):
         write_report(report, config.run_dir)
         shutil.rmtree(run_dir.file("backup"), ignore_errors=True)
         return report
+
+
+def spent_seconds(run_dir):
+    """The pretraining seconds a stopped run spent up to its last logged
+    epoch (0 when none was logged): what `--time-budget` has used."""
+    path = run_dir.file("history.csv")
+    rows = outputs.history_rows(path) if os.path.exists(path) else []
+    return rows[-1].get("seconds", 0.0) if rows else 0.0
+
+
+def budget_report(pretraining):
+    """The report's `budget`: what a budgeted run measured and chose (its
+    `BudgetPlan`; on resume, the budget alone), the pretraining seconds it
+    spent, and the step at which the budget ran out (None: it did not)."""
+    clock = pretraining.clock
+    plan = dataclasses.asdict(pretraining.budget) if pretraining.budget else {}
+    return {**plan, "budget_seconds": clock.budget_seconds, "seconds": clock.seconds,
+            "ran_out_at_step": clock.ran_out}
 
 
 def job_callbacks(config, stop, resume):

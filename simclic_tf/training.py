@@ -9,12 +9,17 @@ share, so that a knob acts the same wherever the config is used.
 
 import dataclasses
 import logging
+import math
 import os
+import time
+from typing import Optional
 
 import keras
 import tensorflow as tf
 
 from simclic_tf import augment, distribute, pipelines
+from simclic_tf.budget import (TIMING_STEPS, BudgetClock, BudgetPlan, parse_duration,
+                               plan_budget)
 from simclic_tf.callbacks import CollapseMonitor, DivergenceGuard, KNNMonitor
 from simclic_tf.model import SimCLIC, build_optimizer
 
@@ -33,7 +38,12 @@ class Pretraining:
       dataset: the distributed pretraining input from `initial_epoch` on.
       steps_per_epoch, initial_epoch: for `model.fit`.
       callbacks: those that only observe or stop (collapse alarm, kNN
-        monitor, divergence guard); `fit` runs them before any of the caller's.
+        monitor, divergence guard, budget clock); `fit` runs them before any
+        of the caller's.
+      budget: with `config.time_budget`, the `BudgetPlan` that sized the run
+        (None when resumed: the saved length is kept).
+      precision_pick: with `--precision auto`, what it picked and why
+        (`config.precision` holds the pick).
     """
 
     config: object
@@ -44,6 +54,8 @@ class Pretraining:
     initial_epoch: int = 0
     callbacks: tuple = ()
     derived: dict = dataclasses.field(default_factory=dict)
+    budget: Optional[BudgetPlan] = None
+    precision_pick: Optional[str] = None
 
     @property
     def total_steps(self):
@@ -52,6 +64,11 @@ class Pretraining:
     @property
     def collapse_monitor(self):
         return next(c for c in self.callbacks if isinstance(c, CollapseMonitor))
+
+    @property
+    def clock(self):
+        """The `BudgetClock`: pretraining seconds spent, and whether a budget ran out."""
+        return next(c for c in self.callbacks if isinstance(c, BudgetClock))
 
     def fit(self, callbacks=(), **kwargs):
         """`model.fit` over the config's epochs; returns its History."""
@@ -62,29 +79,66 @@ class Pretraining:
 
 
 def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=None,
-                      queries=None):
+                      queries=None, spent_seconds=0.0):
     """The `Pretraining` of `config` on `train_set` (an `images.Images`) under
     `strategy` (default: the current one), from `initial_epoch` on. With a
     labelled kNN `memory` and `queries`, and `config.knn_every`, its callbacks
-    add kNN accuracy to the epoch logs."""
+    add kNN accuracy to the epoch logs.
+
+    With `config.time_budget`, a new run (`initial_epoch` 0, nothing spent)
+    is first sized to the budget (`size_to_budget`); a resumed one keeps its
+    saved length and has the budget less `spent_seconds` (its last logged
+    `seconds`) left. Pretraining seconds count from this call.
+    """
+    started = time.perf_counter()
     strategy = strategy or tf.distribute.get_strategy()
+    precision_pick = None
+    if config.precision == "auto":
+        policy, why = distribute.pick_precision()
+        config, precision_pick = config.replace(precision=policy), f"{policy}: {why}"
+        logger.warning("--precision auto: %s", precision_pick)
+    knn_monitor = None
+    if config.knn_every and memory is not None and queries is not None:
+        knn_monitor = KNNMonitor(memory, queries, config.knn_k, config.knn_t, config.knn_every)
+    plan = None
+    if config.time_budget and not initial_epoch and not spent_seconds:
+        plan = size_to_budget(config, train_set, strategy, knn_monitor)
+        config = config.replace(epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch)
+        logger.warning("%s", plan.describe())
     steps_per_epoch = config.epoch_steps(len(train_set))
     config, derived = config.for_budget(steps_per_epoch)
     augmentation, dataset = pretrain_inputs(config, train_set, strategy, initial_epoch)
     model = build_model(config, train_set, strategy)
+    budget_seconds = parse_duration(config.time_budget) if config.time_budget else None
+    clock = BudgetClock(spent_seconds + time.perf_counter() - started, budget_seconds)
     return Pretraining(config, model, augmentation, dataset, steps_per_epoch, initial_epoch,
-                       observers(config, memory, queries), derived)
+                       observers(config, knn_monitor, clock), derived, plan, precision_pick)
 
 
-def observers(config, memory=None, queries=None):
+def size_to_budget(config, train_set, strategy, knn_monitor=None):
+    """The `BudgetPlan` of `config.time_budget`: the steps of a throwaway
+    model and input, built as the run's, timed (with `knn_monitor`'s
+    evaluation). The global seed is set again after it, so that the run
+    starts from the draw an unbudgeted run of its seed starts from."""
+    started = time.perf_counter()
+    passes = math.ceil(TIMING_STEPS / config.epoch_steps(len(train_set)))
+    probe = config.replace(epochs=passes, time_budget=None)
+    model = build_model(probe, train_set, strategy)
+    _, dataset = pretrain_inputs(probe, train_set, strategy)
+    plan = plan_budget(config, len(train_set), model, dataset, knn_monitor, started)
+    keras.utils.set_random_seed(config.seed)
+    return plan
+
+
+def observers(config, knn_monitor=None, clock=None):
     """The callbacks that only observe or stop, in the order their values
     must reach later callbacks' logs: the collapse alarm (which stops the run
-    with `config.stop_on_collapse`), the kNN monitor, the divergence guard."""
+    with `config.stop_on_collapse`), the kNN monitor, the divergence guard,
+    and the budget clock (whose `seconds` then count the monitor's time)."""
     callbacks = [CollapseMonitor(config.proj_dim, stop=config.stop_on_collapse)]
-    if config.knn_every and memory is not None and queries is not None:
-        callbacks.append(KNNMonitor(memory, queries, config.knn_k, config.knn_t,
-                                    config.knn_every))
-    return (*callbacks, DivergenceGuard(config))
+    if knn_monitor is not None:
+        callbacks.append(knn_monitor)
+    return (*callbacks, DivergenceGuard(config), clock or BudgetClock())
 
 
 def build_model(config, train_set, strategy=None):

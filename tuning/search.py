@@ -35,7 +35,8 @@ import keras_tuner
 
 from simclic_tf import compat, distribute, sources
 from simclic_tf.callbacks import CollapseMonitor
-from simclic_tf.cli import add_config_flags, add_knob_flags, base_config, flags_given, knobs_given
+from simclic_tf.cli import (add_config_flags, add_knob_flags, base_config, config_flags_given,
+                            flags_given, knobs_given)
 from simclic_tf.config import ConfigError, SimCLICConfig
 from simclic_tf.faults import atomic_path
 from simclic_tf.knobs import Knobs, knob
@@ -316,7 +317,7 @@ def search_from_args(args, run_dir):
     # Flags over the saved search's config (or over --config / --recipe).
     base = (SimCLICConfig.from_dict(saved["config"])
             if saved is not None and not (args.config or args.recipe) else base_config(args))
-    requested = base.replace(**{**flags_given(args), "run_dir": run_dir.path})
+    requested = base.replace(**{**config_flags_given(args), "run_dir": run_dir.path})
     settings = {name: value for name, value in flags_given(args, Search).items()
                 if name != "max_trials"}
     if saved is None:

@@ -1,0 +1,201 @@
+"""`--time-budget`: pretraining sized to a wall-clock budget.
+
+Users pay for time, not for epochs. A budgeted run times its first steps on
+a throwaway copy of its model and input, then sizes the epochs so that
+pretraining (that timing, the model's start-up, the steps and the kNN
+monitor) fills the budget, and builds the real run with its schedules
+(cosine, warm-up, ramp, derived predictor rate) fitted to that length. A
+`BudgetClock` keeps the account: it logs the pretraining seconds spent at
+every epoch's end (so a resumed run knows what is left) and ends training
+at the budget should the run be slower than its first steps said.
+"""
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+
+import keras
+
+from simclic_tf.config import ConfigError, parse_duration
+
+logger = logging.getLogger(__name__)
+
+# Steps timed after the first call (trace and compile) and the next, which
+# warms the input pipeline; fewer when they would take more than
+# TIMING_SHARE of the budget.
+TIMED_STEPS, WARMUP_STEPS, TIMING_SHARE = 10, 2, 0.05
+TIMING_STEPS = 1 + WARMUP_STEPS + TIMED_STEPS
+# The budget the run plans to fill, leaving room for the epochs' checkpoints
+# and logs, which the library does not see.
+PLANNED_SHARE = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    """What a budgeted run measured and chose.
+
+    Attributes:
+      budget_seconds: the budget, pretraining only (evaluation is after it).
+      step_seconds: the mean training step over the timed steps.
+      timed_steps: how many steps were timed.
+      startup_seconds: the model's build and first call (trace and compile).
+      knn_seconds: one kNN monitor evaluation (0 without the monitor).
+      timing_seconds: what the timing itself took, spent from the budget.
+      epochs, steps_per_epoch: the length chosen.
+    """
+
+    budget_seconds: float
+    step_seconds: float
+    timed_steps: int
+    startup_seconds: float
+    knn_seconds: float
+    timing_seconds: float
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def steps(self):
+        return self.epochs * self.steps_per_epoch
+
+    def describe(self):
+        knn = f", the kNN monitor {self.knn_seconds:.1f} s" if self.knn_seconds else ""
+        return (f"Time budget {self.budget_seconds:.0f} s: a step takes {self.step_seconds:.3f} s "
+                f"(timed over {self.timed_steps} steps), start-up {self.startup_seconds:.1f} s"
+                f"{knn}, the timing {self.timing_seconds:.1f} s; pretraining {self.epochs} "
+                f"epochs x {self.steps_per_epoch} steps = {self.steps} steps, the schedules "
+                "fitted to that length")
+
+
+def plan_length(config, num_samples, budget_seconds, step_seconds, startup_seconds,
+                knn_seconds=0.0, spent_seconds=0.0):
+    """(epochs, steps per epoch) that fill `budget_seconds` less `spent_seconds`
+    (the timing) with a start-up, steps and the kNN monitor's evaluations.
+    The epochs stay near passes over the data; an explicit
+    `config.steps_per_epoch` is kept and the epochs sized instead."""
+    available = PLANNED_SHARE * budget_seconds - spent_seconds - startup_seconds
+    pass_steps = config.epoch_steps(num_samples)
+    monitor_share = knn_seconds / config.knn_every if config.knn_every else 0.0
+    epochs = max(1, round(available / (pass_steps * step_seconds + monitor_share)))
+    monitor_seconds = knn_evaluations(epochs, config.knn_every) * knn_seconds
+    steps = math.floor((available - monitor_seconds) / step_seconds)
+    if steps < 1:
+        raise ConfigError(
+            f"--time-budget {config.time_budget} is too short for one step: the start-up "
+            f"takes {startup_seconds:.1f} s and a step {step_seconds:.2f} s after "
+            f"{spent_seconds:.1f} s of timing; give at least "
+            f"{math.ceil(2 * (spent_seconds + startup_seconds + step_seconds))}s")
+    if config.steps_per_epoch:
+        return max(1, steps // pass_steps), pass_steps
+    epochs = min(epochs, steps)
+    return epochs, steps // epochs
+
+
+def knn_evaluations(epochs, every):
+    """How many times the kNN monitor runs in `epochs` epochs (after the first and every `every`)."""
+    if not every:
+        return 0
+    return len({0, *range(every - 1, epochs, every)} & set(range(epochs)))
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Times the steps of a fit: the first call (trace and compile), then
+    `timed` steps after `warmup` more; stops the fit when done, or once the
+    timed steps take `limit_seconds` (at least 3 timed)."""
+
+    def __init__(self, timed, warmup, limit_seconds):
+        super().__init__()
+        self.timed, self.warmup, self.limit_seconds = timed, warmup, limit_seconds
+        self.ends = []
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+        steps = self.step_intervals()
+        if len(steps) >= self.timed or (len(steps) >= 3 and sum(steps) > self.limit_seconds):
+            self.model.stop_training = True
+
+    @property
+    def first_call_seconds(self):
+        return self.ends[0] - self.start
+
+    def step_intervals(self):
+        later = self.ends[self.warmup:]
+        return [b - a for a, b in zip(later, later[1:])]
+
+
+def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=None):
+    """The `BudgetPlan` of `config.time_budget` for a training set of
+    `num_samples` images: the steps of a throwaway `model` (built, as the
+    real run's, at `started`, a `time.perf_counter()`) timed on its
+    `dataset`, `knn_monitor` (a KNNMonitor) timed once, then the length planned."""
+    budget = parse_duration(config.time_budget)
+    started = time.perf_counter() if started is None else started
+    build_seconds = time.perf_counter() - started
+    timer = StepTimer(TIMED_STEPS, WARMUP_STEPS, TIMING_SHARE * budget)
+    model.fit(dataset, epochs=1, steps_per_epoch=TIMING_STEPS, verbose=0, callbacks=[timer],
+              shuffle=False)
+    steps = timer.step_intervals()
+    knn_seconds = 0.0
+    if knn_monitor is not None:
+        knn_monitor.accuracy(model.backbone)  # the first also traces the feature extractor
+        knn_start = time.perf_counter()
+        knn_monitor.accuracy(model.backbone)
+        knn_seconds = time.perf_counter() - knn_start
+    startup, step = build_seconds + timer.first_call_seconds, statistics.fmean(steps)
+    spent = time.perf_counter() - started
+    epochs, steps_per_epoch = plan_length(config, num_samples, budget, step, startup,
+                                          knn_seconds, spent)
+    return BudgetPlan(budget, step, len(steps), startup, knn_seconds, spent, epochs,
+                      steps_per_epoch)
+
+
+class BudgetClock(keras.callbacks.Callback):
+    """Adds `seconds`, the pretraining seconds spent so far, to every epoch's
+    logs (so history.csv holds it and a resume continues the account), and
+    with a `budget_seconds` ends training before a step that would pass it
+    (one as long as the last).
+
+    Args:
+      spent_seconds: spent before this fit (the timing, or a resumed run's
+        last logged `seconds`).
+      budget_seconds: None for no budget.
+    """
+
+    def __init__(self, spent_seconds=0.0, budget_seconds=None):
+        super().__init__()
+        self.spent_seconds = spent_seconds
+        self.budget_seconds = budget_seconds
+        self.ran_out = None
+
+    def on_train_begin(self, logs=None):
+        self.start, self.end = time.perf_counter(), None
+        self.last_step_end = self.start
+
+    @property
+    def seconds(self):
+        """Pretraining seconds spent, this fit's included (up to its end)."""
+        return self.spent_seconds + (self.end or time.perf_counter()) - self.start
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        step, self.last_step_end = now - self.last_step_end, now
+        # Stop before the step that would pass the budget, not after it.
+        if self.budget_seconds is not None and self.seconds + step > self.budget_seconds:
+            self.ran_out = self.model.optimizer.iterations.numpy().item()
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["seconds"] = self.seconds
+
+    def on_train_end(self, logs=None):
+        self.end = time.perf_counter()
+        if self.ran_out is not None:
+            logger.warning("--time-budget: the budget of %.0f s ran out at step %d, before "
+                           "the planned end; the learning rate had not decayed to its end "
+                           "(the run was slower than its first steps)", self.budget_seconds,
+                           self.ran_out)

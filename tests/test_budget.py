@@ -1,0 +1,116 @@
+"""--time-budget: a run sized to a wall-clock budget."""
+
+import json
+
+import keras
+import pytest
+
+from simclic_tf import SimCLICConfig, callbacks
+from simclic_tf.budget import PLANNED_SHARE, knn_evaluations, plan_length
+from simclic_tf.commands import train
+from simclic_tf.config import ConfigError, parse_duration
+
+from test_cli import TINY, read_history
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200),
+                                           ("1.5h", 5400), (" 45 s ", 45)])
+def test_durations_are_read_in_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["30", "2 minutes", "0m", "-5s", "1d", ""])
+def test_a_bad_duration_names_the_flag_and_the_form(text):
+    with pytest.raises(ConfigError, match=r"--time-budget .* such as 90s, 30m or 2h"):
+        SimCLICConfig(time_budget=text)
+
+
+def test_epochs_beside_a_time_budget_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        train(["--time-budget", "2m", "--epochs", "5", "--run-dir", "unused"])
+    assert "--epochs and --time-budget both set how long" in capsys.readouterr().err
+
+
+def test_the_plan_fills_the_budget_with_whole_epochs_near_passes():
+    config = SimCLICConfig(batch_size=100, knn_every=1)  # 1,000 images: 10 steps a pass
+    epochs, steps_per_epoch = plan_length(config, 1000, budget_seconds=100,
+                                          step_seconds=0.1, startup_seconds=5,
+                                          knn_seconds=0.5, spent_seconds=10)
+    available = PLANNED_SHARE * 100 - 10 - 5
+    # A pass (10 steps, 1 s) and its kNN evaluation (0.5 s) fit 53 times.
+    assert epochs == round(available / 1.5) == 53
+    assert steps_per_epoch == 10
+    used = 10 + 5 + epochs * (steps_per_epoch * 0.1 + 0.5)
+    assert 0 <= PLANNED_SHARE * 100 - used < 0.1 * epochs  # less than a step an epoch left
+
+
+def test_the_plan_keeps_an_explicit_steps_per_epoch():
+    config = SimCLICConfig(steps_per_epoch=7, knn_every=0)
+    assert plan_length(config, 10_000, 100, 1.0, 2.0) == ((95 - 2) // 7, 7)
+
+
+def test_a_budget_too_short_for_a_step_is_refused_with_what_it_would_take():
+    config = SimCLICConfig(time_budget="10s")
+    with pytest.raises(ConfigError, match=r"--time-budget 10s is too short .* at least \d+s"):
+        plan_length(config, 1000, 10, step_seconds=1.0, startup_seconds=8.0,
+                    spent_seconds=3.0)
+
+
+@pytest.mark.parametrize("epochs, every, expected", [(1, 1, 1), (10, 1, 10), (10, 5, 3),
+                                                     (4, 2, 3), (10, 0, 0)])
+def test_the_knn_monitor_runs_after_the_first_epoch_and_every_nth(epochs, every, expected):
+    assert knn_evaluations(epochs, every) == expected
+
+
+@pytest.mark.e2e
+def test_a_two_minute_budget_on_shapes_ends_within_ten_percent_at_the_schedules_end(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(["--time-budget", "2m", "--linear-epochs", "0", "--run-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    budget = report["budget"]
+    assert 0.9 * 120 <= budget["seconds"] <= 120, budget
+    assert budget["ran_out_at_step"] is None
+    # What it chose is in config.json, and the run took exactly those steps.
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["time_budget"] == "2m"
+    assert (saved["epochs"], saved["steps_per_epoch"]) == (budget["epochs"],
+                                                           budget["steps_per_epoch"])
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    steps = saved["epochs"] * saved["steps_per_epoch"]
+    assert int(model.optimizer.iterations) == steps == report["steps"]
+    # The cosine schedule fitted to that length has decayed to its end value.
+    schedule = keras.optimizers.schedules.deserialize(
+        model.optimizer.get_config()["learning_rate"])
+    assert float(schedule(steps)) == pytest.approx(0.0, abs=1e-9)
+    assert float(model.optimizer.learning_rate) == pytest.approx(float(schedule(steps)))
+
+
+@pytest.mark.e2e
+def test_a_resumed_budgeted_run_spends_no_more_than_the_budget_in_total(tmp_path,
+                                                                        monkeypatch):
+    run_dir = tmp_path / "run"
+    argv = TINY + ["--time-budget", "45s", "--run-dir", str(run_dir)]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_third_epoch(self, epoch, logs=None):
+        if epoch == 2:
+            raise Crash()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.CollapseMonitor, "on_epoch_begin", crash_at_third_epoch,
+                      raising=False)
+        with pytest.raises(Crash):
+            train(argv)
+    first = read_history(run_dir)
+    assert len(first) == 2
+    assert train(["--run-dir", str(run_dir), "--resume"]) == 0
+    rows = read_history(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    # The resume continued the account from the last logged epoch and kept the length.
+    assert float(rows[2]["seconds"]) > float(first[-1]["seconds"])
+    assert report["budget"]["seconds"] == pytest.approx(float(rows[-1]["seconds"]), abs=1.0)
+    assert report["budget"]["seconds"] <= 45
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert len(rows) == saved["epochs"] or report["budget"]["ran_out_at_step"] is not None
