@@ -79,9 +79,47 @@ def worker_subdir():
 def set_precision(name):
     """`keras.mixed_precision.set_global_policy` for `--precision NAME`
     (layers built afterwards compute in float16 / bfloat16 and keep float32
-    weights; the loss, normalisations, z_std and history math stay float32)."""
+    weights; the loss, normalisations, z_std and history math stay float32);
+    auto: the policy `pick_precision` picks."""
     name = checked_value("precision", getattr(name, "precision", name))
-    keras.mixed_precision.set_global_policy(name)
+    keras.mixed_precision.set_global_policy(pick_precision()[0] if name == "auto" else name)
+
+
+# CPU flags of native bfloat16 arithmetic, which oneDNN's bfloat16 kernels use
+# (AVX-512 BF16's dot products, AMX's tiles).
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# GPUs compute bfloat16 natively from compute capability 8.0 (Ampere) on.
+BFLOAT16_GPU_CAPABILITY = (8, 0)
+
+
+def pick_precision():
+    """(policy, why) of `--precision auto`: mixed_bfloat16 where the devices
+    that compute compute bfloat16 natively (every visible GPU of capability
+    8.0 or more; else the CPU, with AVX-512 BF16 or AMX), float32 elsewhere,
+    where bfloat16 would be emulated and slower."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capabilities = [tuple(tf.config.experimental.get_device_details(gpu).get(
+            "compute_capability", (0, 0))) for gpu in gpus]
+        oldest = ".".join(map(str, min(capabilities)))
+        if min(capabilities) >= BFLOAT16_GPU_CAPABILITY:
+            return "mixed_bfloat16", f"the GPUs compute bfloat16 natively (capability {oldest})"
+        return "float32", f"a GPU of capability {oldest} has no native bfloat16 (8.0 or more)"
+    native = sorted(set(BFLOAT16_CPU_FLAGS) & cpu_flags())
+    if native:
+        return "mixed_bfloat16", f"the CPU computes bfloat16 natively ({', '.join(native)})"
+    return "float32", (f"the CPU has no native bfloat16 (none of the flags "
+                       f"{', '.join(BFLOAT16_CPU_FLAGS)})")
+
+
+def cpu_flags():
+    """The CPU's feature flags, from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def synchronize_batch_norm(model):
@@ -141,6 +179,11 @@ def global_batch_std(z):
     return ops.mean(ops.sqrt(variance))
 
 
+# The default model's training step with --jit over without it on a 2-core
+# CPU, float32 (docs/benchmarks.md, XLA on a CPU).
+JIT_CPU_SLOWDOWN = 30
+
+
 def jit_compile(jit, strategy):
     """`model.compile(jit_compile=...)` for `--jit` under `strategy`.
 
@@ -165,6 +208,12 @@ def jit_compile(jit, strategy):
                 "use variables on another device); use --no-jit, or one device per "
                 "worker with --strategy multi_worker")
         return False
+    if jit and not tf.config.list_physical_devices("GPU"):
+        logger.warning(
+            "%s on a CPU-only run: XLA made the default model's training step about %dx "
+            "slower here, after minutes of compiling (docs/benchmarks.md, XLA on a CPU); "
+            "it pays on GPUs and TPUs. Drop --jit: Keras's auto leaves XLA off on CPUs",
+            flag("jit"), JIT_CPU_SLOWDOWN)
     return "auto" if jit is None else bool(jit)
 
 
