@@ -38,3 +38,43 @@ def test_validation_set_is_balanced_and_disjoint_from_pretraining(accuracy_at_bu
     # Each label is its folder's class, as in the 10k file.
     for label, source in zip(validation["y"], validation["source_paths"]):
         assert source.split("/")[1] == pretraining["class_names"][label]
+
+
+@pytest.fixture(scope="module")
+def peer_step():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import peer_step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return peer_step
+
+
+def test_peer_step_table_gives_peer_over_ours_and_each_bf16_speed_up(peer_step, capsys):
+    peer_step.print_table({"float32": (1.0, 1.5), "mixed_bfloat16": (0.5, 0.75)})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[-3:] == ["1.0000", "1.5000", "1.500"]
+    assert "autocast bfloat16" in lines[3] and lines[3].split()[-1] == "1.500"
+    assert lines[4].endswith("ours 2.000, peer 2.000")
+
+
+def test_peer_step_asks_for_the_peer_venv(peer_step, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        peer_step.parse_args(["--peer-python", str(tmp_path / "missing" / "python")])
+    assert "benchmarks/peer/requirements.txt" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_peer_step_runs_both_sides_end_to_end(peer_step):
+    """A smoke run (tiny model, two steps) against the peer's venv, when there is one."""
+    import subprocess
+
+    if not Path(peer_step.DEFAULT_PEER_PYTHON).exists():
+        pytest.skip(f"no peer venv at {peer_step.DEFAULT_PEER_PYTHON} (set PEER_PYTHON)")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "peer_step.py"), "--width", "4", "--batch-size", "8",
+         "--proj-dim", "32", "--pred-hidden", "8", "--steps", "1", "--rounds", "1",
+         "--warmup-steps", "1", "--num-samples", "64"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "peer/ours" in result.stdout and "bfloat16 speed-up" in result.stdout
