@@ -129,5 +129,12 @@ def tiny_convnet(input_shape, width=16, bn_momentum=0.9, zero_init_residual=Fals
 
 
 def build_backbone(name, input_shape, width, bn_momentum=0.9, zero_init_residual=False):
-    return BACKBONES.get(name)(tuple(input_shape), width=width, bn_momentum=bn_momentum,
-                               zero_init_residual=zero_init_residual)
+    """The registered backbone `name`. Under a mixed policy its features come
+    out in float32 (Keras's advice for a model's outputs): tf.distribute
+    gathers predictions across workers, which it cannot do in bfloat16 on CPUs."""
+    backbone = BACKBONES.get(name)(tuple(input_shape), width=width, bn_momentum=bn_momentum,
+                                   zero_init_residual=zero_init_residual)
+    if backbone.output.dtype == "float32":
+        return backbone
+    features = layers.Activation("linear", dtype="float32", name="features")(backbone.output)
+    return keras.Model(backbone.inputs, features, name=backbone.name)

@@ -13,7 +13,9 @@ at the budget should the run be slower than its first steps said.
 import dataclasses
 import logging
 import math
+import os
 import statistics
+import tempfile
 import time
 
 import keras
@@ -27,8 +29,8 @@ logger = logging.getLogger(__name__)
 # TIMING_SHARE of the budget.
 TIMED_STEPS, WARMUP_STEPS, TIMING_SHARE = 10, 2, 0.05
 TIMING_STEPS = 1 + WARMUP_STEPS + TIMED_STEPS
-# The budget the run plans to fill, leaving room for the epochs' checkpoints
-# and logs, which the library does not see.
+# The budget the run plans to fill, leaving room for the epochs' logs and
+# the steps' spread.
 PLANNED_SHARE = 0.95
 
 
@@ -42,6 +44,8 @@ class BudgetPlan:
       timed_steps: how many steps were timed.
       startup_seconds: the model's build and first call (trace and compile).
       knn_seconds: one kNN monitor evaluation (0 without the monitor).
+      checkpoint_seconds: one save of the model's weights, as the epoch's
+        checkpoint (`keras.callbacks.BackupAndRestore`) takes.
       timing_seconds: what the timing itself took, spent from the budget.
       epochs, steps_per_epoch: the length chosen.
     """
@@ -51,6 +55,7 @@ class BudgetPlan:
     timed_steps: int
     startup_seconds: float
     knn_seconds: float
+    checkpoint_seconds: float
     timing_seconds: float
     epochs: int
     steps_per_epoch: int
@@ -63,23 +68,26 @@ class BudgetPlan:
         knn = f", the kNN monitor {self.knn_seconds:.1f} s" if self.knn_seconds else ""
         return (f"Time budget {self.budget_seconds:.0f} s: a step takes {self.step_seconds:.3f} s "
                 f"(timed over {self.timed_steps} steps), start-up {self.startup_seconds:.1f} s"
-                f"{knn}, the timing {self.timing_seconds:.1f} s; pretraining {self.epochs} "
+                f"{knn}, a checkpoint {self.checkpoint_seconds:.1f} s, the timing "
+                f"{self.timing_seconds:.1f} s; pretraining {self.epochs} "
                 f"epochs x {self.steps_per_epoch} steps = {self.steps} steps, the schedules "
                 "fitted to that length")
 
 
 def plan_length(config, num_samples, budget_seconds, step_seconds, startup_seconds,
-                knn_seconds=0.0, spent_seconds=0.0):
+                knn_seconds=0.0, checkpoint_seconds=0.0, spent_seconds=0.0):
     """(epochs, steps per epoch) that fill `budget_seconds` less `spent_seconds`
-    (the timing) with a start-up, steps and the kNN monitor's evaluations.
-    The epochs stay near passes over the data; an explicit
-    `config.steps_per_epoch` is kept and the epochs sized instead."""
+    (the timing) with a start-up, steps, the kNN monitor's evaluations and a
+    checkpoint an epoch. The epochs stay near passes over the data; an
+    explicit `config.steps_per_epoch` is kept and the epochs sized instead."""
     available = PLANNED_SHARE * budget_seconds - spent_seconds - startup_seconds
     pass_steps = config.epoch_steps(num_samples)
     monitor_share = knn_seconds / config.knn_every if config.knn_every else 0.0
-    epochs = max(1, round(available / (pass_steps * step_seconds + monitor_share)))
-    monitor_seconds = knn_evaluations(epochs, config.knn_every) * knn_seconds
-    steps = math.floor((available - monitor_seconds) / step_seconds)
+    epochs = max(1, round(available / (pass_steps * step_seconds + monitor_share
+                                       + checkpoint_seconds)))
+    between_epochs = (knn_evaluations(epochs, config.knn_every) * knn_seconds
+                      + epochs * checkpoint_seconds)
+    steps = math.floor((available - between_epochs) / step_seconds)
     if steps < 1:
         raise ConfigError(
             f"--time-budget {config.time_budget} is too short for one step: the start-up "
@@ -139,6 +147,10 @@ def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=N
     model.fit(dataset, epochs=1, steps_per_epoch=TIMING_STEPS, verbose=0, callbacks=[timer],
               shuffle=False)
     steps = timer.step_intervals()
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint_start = time.perf_counter()
+        model.save_weights(os.path.join(folder, "timing.weights.h5"))
+        checkpoint_seconds = time.perf_counter() - checkpoint_start
     knn_seconds = 0.0
     if knn_monitor is not None:
         knn_monitor.accuracy(model.backbone)  # the first also traces the feature extractor
@@ -148,16 +160,16 @@ def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=N
     startup, step = build_seconds + timer.first_call_seconds, statistics.fmean(steps)
     spent = time.perf_counter() - started
     epochs, steps_per_epoch = plan_length(config, num_samples, budget, step, startup,
-                                          knn_seconds, spent)
-    return BudgetPlan(budget, step, len(steps), startup, knn_seconds, spent, epochs,
-                      steps_per_epoch)
+                                          knn_seconds, checkpoint_seconds, spent)
+    return BudgetPlan(budget, step, len(steps), startup, knn_seconds, checkpoint_seconds, spent,
+                      epochs, steps_per_epoch)
 
 
 class BudgetClock(keras.callbacks.Callback):
     """Adds `seconds`, the pretraining seconds spent so far, to every epoch's
     logs (so history.csv holds it and a resume continues the account), and
-    with a `budget_seconds` ends training before a step that would pass it
-    (one as long as the last).
+    with a `budget_seconds` ends training before a step that could pass it
+    (one as long as the longest so far, an epoch's end included).
 
     Args:
       spent_seconds: spent before this fit (the timing, or a resumed run's
@@ -173,7 +185,7 @@ class BudgetClock(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.start, self.end = time.perf_counter(), None
-        self.last_step_end = self.start
+        self.last_step_end, self.longest_step = self.start, None
 
     @property
     def seconds(self):
@@ -183,8 +195,12 @@ class BudgetClock(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
         step, self.last_step_end = now - self.last_step_end, now
-        # Stop before the step that would pass the budget, not after it.
-        if self.budget_seconds is not None and self.seconds + step > self.budget_seconds:
+        # The longest step but the first (the trace): one after an epoch's
+        # end, which holds the kNN monitor and the checkpoint.
+        self.longest_step = 0.0 if self.longest_step is None else max(self.longest_step, step)
+        # Stop before a step that could pass the budget, not after it.
+        if (self.budget_seconds is not None
+                and self.seconds + max(step, self.longest_step) > self.budget_seconds):
             self.ran_out = self.model.optimizer.iterations.numpy().item()
             self.model.stop_training = True
 

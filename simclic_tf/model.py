@@ -155,7 +155,7 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         """The online probe's cross-entropy on stop-gradient features (0 without a probe)."""
         if self.probe is None:
             return 0.0
-        logits = self.probe(ops.stop_gradient(features))
+        logits = ops.cast(self.probe(ops.stop_gradient(features)), "float32")  # mixed policies
         self.probe_accuracy.update_state(labels, logits)
         return ops.mean(keras.losses.sparse_categorical_crossentropy(
             labels, logits, from_logits=True))

@@ -1,6 +1,16 @@
+import keras
 import pytest
 
 from simclic_tf import file_sources
+
+
+@pytest.fixture(autouse=True)
+def float32_policy_after_each_test():
+    """A run sets Keras's global dtype policy (`--precision auto` picks
+    mixed_bfloat16 on CPUs with native bfloat16); later tests that build
+    layers directly expect float32, whatever ran before them."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.fixture

@@ -66,6 +66,7 @@ def main():
     from simclic_tf.training import build_model
 
     config = SimCLICConfig(dataset="digits", backbone="tiny_convnet", width=4, proj_dim=16,
+                           precision="float32",  # compared with one device to 1e-4
                            pred_hidden=8, batch_size=32, epochs=1, sync_bn=True, kernel_impl="tf",
                            strategy="multi_worker", bank_layout=args.bank_layout)
     keras.utils.set_random_seed(config.seed)

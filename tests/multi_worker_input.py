@@ -45,6 +45,7 @@ def main():
 
     SimCLIC.train_step = recording
     config = SimCLICConfig(dataset="digits", backbone="tiny_convnet", width=4, proj_dim=16,
+                           precision="float32",  # compared with one device to 1e-4
                            pred_hidden=8, batch_size=32, epochs=args.epochs, kernel_impl="tf",
                            strategy="multi_worker", jit=False)
     keras.utils.set_random_seed(config.seed)

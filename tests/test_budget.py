@@ -35,12 +35,13 @@ def test_the_plan_fills_the_budget_with_whole_epochs_near_passes():
     config = SimCLICConfig(batch_size=100, knn_every=1)  # 1,000 images: 10 steps a pass
     epochs, steps_per_epoch = plan_length(config, 1000, budget_seconds=100,
                                           step_seconds=0.1, startup_seconds=5,
-                                          knn_seconds=0.5, spent_seconds=10)
+                                          knn_seconds=0.5, checkpoint_seconds=0.25,
+                                          spent_seconds=10)
     available = PLANNED_SHARE * 100 - 10 - 5
-    # A pass (10 steps, 1 s) and its kNN evaluation (0.5 s) fit 53 times.
-    assert epochs == round(available / 1.5) == 53
-    assert steps_per_epoch == 10
-    used = 10 + 5 + epochs * (steps_per_epoch * 0.1 + 0.5)
+    # A pass (10 steps, 1 s), its kNN evaluation (0.5 s) and checkpoint (0.25 s) fit 46 times.
+    assert epochs == round(available / 1.75) == 46
+    assert steps_per_epoch == int((available - 46 * 0.75) / 0.1) // 46 == 9
+    used = 10 + 5 + epochs * (steps_per_epoch * 0.1 + 0.75)
     assert 0 <= PLANNED_SHARE * 100 - used < 0.1 * epochs  # less than a step an epoch left
 
 

@@ -240,11 +240,11 @@ def test_an_interrupted_trial_resumes_at_its_last_epoch(tmp_path, monkeypatch):
         assert trial_json(run_dir, "1")["status"] == "RUNNING"
         assert (run_dir / "tuner" / "trial_1" / "backup").exists()
         assert tune(argv) == 0
-    # The rerun trained the second trial's second epoch only.
-    assert epochs_run == [0, 1, 0, 1, 1]
-    assert [trial_json(run_dir, i)["status"] for i in "01"] == ["COMPLETED"] * 2
+    # The rerun trained the second trial's second epoch, then the third trial.
+    assert epochs_run == [0, 1, 0, 1, 1, 0, 1]
+    assert [trial_json(run_dir, i)["status"] for i in "012"] == ["COMPLETED"] * 3
     assert not (run_dir / "tuner" / "trial_1" / "backup").exists()
-    assert read_csv(run_dir / "results.csv")[0] == ["loss", "Cosine", "Cross-entropy"]
+    assert read_csv(run_dir / "results.csv")[0] == ["loss", "Cosine", "Cross-entropy", "NT-Xent"]
 
 
 @pytest.mark.e2e

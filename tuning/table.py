@@ -27,10 +27,12 @@ LABELS = {
         "mlp1": "1-layer MLP", "mlp2": "2-layer MLP"}),
     "stop_gradient": ("Effect of stop-gradient", {
         True: "w/ stop-gradient", False: "w/o stop-gradient"}),
-    "loss": ("Effect of the loss D", {"cosine": "Cosine", "cross_entropy": "Cross-entropy"}),
+    "loss": ("Effect of the loss D", {"cosine": "Cosine", "cross_entropy": "Cross-entropy",
+                                      "nt_xent": "NT-Xent"}),
     "perturbation": ("Effect of the perturbation P", {
         "none": "None (SimSiam)", "history": "History", "dropout": "Dropout", "noise": "Noise",
-        "history+noise": "History + noise", "history+dropout": "History + dropout"}),
+        "history+noise": "History + noise", "history+dropout": "History + dropout",
+        "nearest_neighbour": "Nearest neighbour (NNSiam)"}),
     "perturb": ("Where P applies", {
         "target": "Target branch", "online": "Online branch (before h)"}),
 }
