@@ -110,7 +110,8 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
     augmentation, dataset = pretrain_inputs(config, train_set, strategy, initial_epoch)
     model = build_model(config, train_set, strategy)
     budget_seconds = parse_duration(config.time_budget) if config.time_budget else None
-    clock = BudgetClock(spent_seconds + time.perf_counter() - started, budget_seconds)
+    clock = BudgetClock(spent_seconds + time.perf_counter() - started, budget_seconds,
+                        plan.knn_seconds + plan.checkpoint_seconds if plan else 0.0)
     return Pretraining(config, model, augmentation, dataset, steps_per_epoch, initial_epoch,
                        observers(config, knn_monitor, clock), derived, plan, precision_pick)
 
