@@ -203,8 +203,9 @@ def test_without_stop_gradient_the_representation_collapses(tmp_path):
     run_dir = tmp_path / "search"
     assert tune(TINY + [
         "--ablation", "stop_gradient", "--perturbation", "none", "--base-lr", "1.0",
-        # The predictor at the encoder's rate, as in the ten runs above.
-        "--pred-lr-scale", "1", "--no-fix-pred-lr", "--epochs", "8", "--run-dir", str(run_dir)]) == 0
+        # The predictor at the encoder's rate and float32, as in the ten runs above.
+        "--pred-lr-scale", "1", "--no-fix-pred-lr", "--precision", "float32", "--epochs", "8",
+        "--run-dir", str(run_dir)]) == 0
     rows = {row[0]: row[1:] for row in read_csv(run_dir / "results.csv")}
     assert read_csv(run_dir / "results.csv")[0] == [
         "stop_gradient", "w/ stop-gradient", "w/o stop-gradient"]
