@@ -1,6 +1,7 @@
 """The benchmark's validation set: held-out CIFAR-10 training images, never
 the pretraining images and never the test file."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,16 +12,20 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def benchmark(name):
+    """The script benchmarks/NAME.py as a module (its folder on the path while it imports)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 @pytest.fixture(scope="module")
 def accuracy_at_budget():
     if not (SHARED_DATA / "cifar10_train_jpeg.tar.gz").exists():
         pytest.skip(f"{SHARED_DATA} not found: the shared data folder must sit beside the repo")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import accuracy_at_budget
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return accuracy_at_budget
+    return benchmark("accuracy_at_budget")
 
 
 def test_validation_set_is_balanced_and_disjoint_from_pretraining(accuracy_at_budget, tmp_path):
@@ -42,12 +47,7 @@ def test_validation_set_is_balanced_and_disjoint_from_pretraining(accuracy_at_bu
 
 @pytest.fixture(scope="module")
 def peer_step():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import peer_step
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return peer_step
+    return benchmark("peer_step")
 
 
 def test_peer_step_table_gives_peer_over_ours_and_each_bf16_speed_up(peer_step, capsys):

@@ -5,12 +5,12 @@ import json
 import keras
 import pytest
 
-from simclic_tf import SimCLICConfig, callbacks
+from simclic_tf import SimCLICConfig
 from simclic_tf.budget import PLANNED_SHARE, knn_evaluations, plan_length
 from simclic_tf.commands import train
 from simclic_tf.config import ConfigError, parse_duration
 
-from test_cli import TINY, read_history
+from test_cli import TINY, read_history, train_and_crash_at_third_epoch
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200),
@@ -93,18 +93,7 @@ def test_a_resumed_budgeted_run_spends_no_more_than_the_budget_in_total(tmp_path
     run_dir = tmp_path / "run"
     argv = TINY + ["--time-budget", "45s", "--run-dir", str(run_dir)]
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_third_epoch(self, epoch, logs=None):
-        if epoch == 2:
-            raise Crash()
-
-    with monkeypatch.context() as patch:
-        patch.setattr(callbacks.CollapseMonitor, "on_epoch_begin", crash_at_third_epoch,
-                      raising=False)
-        with pytest.raises(Crash):
-            train(argv)
+    train_and_crash_at_third_epoch(argv, monkeypatch)
     first = read_history(run_dir)
     assert len(first) == 2
     assert train(["--run-dir", str(run_dir), "--resume"]) == 0

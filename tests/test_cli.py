@@ -97,10 +97,8 @@ class Crash(Exception):
 
 
 @pytest.mark.e2e
-def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    argv = TINY + ["--epochs", "4", "--knn-every", "2", "--run-dir", str(run_dir)]
-
+def train_and_crash_at_third_epoch(argv, monkeypatch):
+    """`train(argv)`, crashed as the third epoch begins (its backup then holds two)."""
     def crash_at_third_epoch(self, epoch, logs=None):
         if epoch == 2:
             raise Crash()
@@ -110,6 +108,13 @@ def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
                       raising=False)
         with pytest.raises(Crash):
             train(argv)
+
+
+def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    argv = TINY + ["--epochs", "4", "--knn-every", "2", "--run-dir", str(run_dir)]
+
+    train_and_crash_at_third_epoch(argv, monkeypatch)
     assert (run_dir / "backup").exists() and not (run_dir / "report.json").exists()
     assert [row["epoch"] for row in read_history(run_dir)] == ["0", "1"]
 
