@@ -31,6 +31,23 @@ def batch_normalization(**kwargs):
     return layer
 
 
+def copy_model(model):
+    """A copy of a Keras model with its own variables and the same weights
+    (BatchNorm statistics included). Its BatchNormalizations are built by
+    `batch_normalization`, so fused under mixed_bfloat16: clone_model alone
+    rebuilds stock ones, which made BYOL's target encoder's forward pass
+    as slow as a training step."""
+    copy = keras.models.clone_model(model, clone_function=_clone_layer)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _clone_layer(layer):
+    if type(layer) is layers.BatchNormalization:
+        return batch_normalization(**layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+
 def _fused_batch_norm_call(self, inputs, training=None, mask=None):
     """BatchNormalization.call through FusedBatchNormV3 (NHWC, or (B, C) as
     (B, 1, 1, C)); Keras's own call where the fused op does not apply."""

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from simclic_tf.augment import RandomResizedCrop, parallel_safe
+from simclic_tf.backbones import copy_model
 from simclic_tf.pipelines import eval_dataset, shuffled_batches
 from simclic_tf.knobs import Knobs, knob
 from simclic_tf.optimizers import GroupedSGD, ParameterGroup
@@ -99,14 +100,6 @@ def finetune_optimizer(learning_rate, recipe=FineTuneConfig()):
     backbone = ParameterGroup(f"^(?!{HEAD}/)", lr_scale=recipe.backbone_lr_scale)
     return GroupedSGD(learning_rate, momentum=recipe.momentum, l2=recipe.weight_decay,
                       groups=[backbone])
-
-
-def copy_model(model):
-    """A copy of a Keras model with its own variables and the same weights
-    (BatchNorm statistics included)."""
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def finetune_augmentation(image_size, recipe=FineTuneConfig(), seed=None):

@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras import ops
 
 from simclic_tf import compat, distribute
-from simclic_tf.backbones import build_backbone
+from simclic_tf.backbones import build_backbone, copy_model
 from simclic_tf.config import ConfigError, SimCLICConfig, flag
 from simclic_tf.heads import build_projector
 from simclic_tf.losses import build_distance
@@ -258,8 +258,7 @@ def frozen_copy(model, name):
     trainable, so that its BatchNorms use batch statistics in training, as
     BYOL's target does."""
     with keras.name_scope(name):
-        copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
+        copy = copy_model(model)
     for weight in copy.weights:
         weight.trainable = False
     return copy

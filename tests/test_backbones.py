@@ -93,3 +93,22 @@ def test_bfloat16_batch_norm_runs_fused_and_agrees_with_keras(shape, affine):
     inference = [np.asarray(tf.cast(layer(x, training=False), "float32"))
                  for layer in (fused, stock)]
     np.testing.assert_allclose(inference[0], inference[1], atol=0.02)
+
+
+def test_a_copy_keeps_the_weights_and_the_fused_batch_norm():
+    """BYOL's target encoder and fine-tuning train on a copy: under
+    mixed_bfloat16 its BatchNorms must run fused as the original's do
+    (clone_model alone rebuilt stock ones), with the same weights."""
+    from simclic_tf.backbones import copy_model
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    backbone = build_backbone("resnet18_cifar", (8, 8, 3), 4)
+    copy = copy_model(backbone)
+    norms = [layer for layer in copy.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all("call" in layer.__dict__ for layer in norms)
+    for original, copied in zip(backbone.weights, copy.weights):
+        assert original is not copied
+        np.testing.assert_array_equal(np.asarray(original), np.asarray(copied))
+    x = np.random.default_rng(0).random((4, 8, 8, 3), "float32")
+    np.testing.assert_array_equal(np.asarray(backbone(x, training=False)),
+                                  np.asarray(copy(x, training=False)))
