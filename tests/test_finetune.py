@@ -95,14 +95,15 @@ def test_the_cli_reports_fine_tuned_errors(tmp_path):
     run_dir = tmp_path / "run"
     argv = ["--backbone", "tiny_convnet", "--width", "4", "--proj-dim", "32",
             "--pred-hidden", "8", "--batch-size", "64", "--epochs", "1", "--knn-every", "0",
-            "--linear-epochs", "2", "--knn-k", "20", "--finetune-epochs", "2",
+            "--linear-epochs", "2", "--knn-k", "20", "--finetune-epochs", "5",
             "--run-dir", str(run_dir)]
     assert train(argv) == 0
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["config"]["finetune_epochs"] == 2
+    assert report["config"]["finetune_epochs"] == 5
     for encoder in ("pretrained", "random_init"):
         assert set(report[encoder]) == {"knn_accuracy", "linear_accuracy", "finetune_accuracy"}
-        assert report[encoder]["finetune_accuracy"] > 0.15  # chance is 0.1
+        # Chance is 0.1; 5 epochs gave 0.25 to 0.31 (2 gave 0.15 to 0.20).
+        assert report[encoder]["finetune_accuracy"] > 0.15
     header = next(line for line in (run_dir / "report.md").read_text().splitlines()
                   if line.startswith("| encoder |"))
     assert "| linear error % |" in header and "| fine-tuned error % |" in header
