@@ -96,7 +96,6 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.e2e
 def train_and_crash_at_third_epoch(argv, monkeypatch):
     """`train(argv)`, crashed as the third epoch begins (its backup then holds two)."""
     def crash_at_third_epoch(self, epoch, logs=None):
@@ -110,6 +109,7 @@ def train_and_crash_at_third_epoch(argv, monkeypatch):
             train(argv)
 
 
+@pytest.mark.e2e
 def test_a_crashed_run_resumes_with_its_history_buffer(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     argv = TINY + ["--epochs", "4", "--knn-every", "2", "--run-dir", str(run_dir)]
