@@ -15,8 +15,10 @@ sizes its epochs to fill them (simclic_tf/budget.py). `--time-budget 20m`
 instead gives every row, SimSiam's too, that budget.
 
 Pretraining reads `cifar10_train_10k.npz` (its labels serve only the kNN
-memory, the linear classifier and the supervised row) and evaluation
-`cifar10_test.npz`, both from the shared data folder. With --validation the
+memory, the linear classifier and the supervised row), or the CIFAR-10 set
+`--dataset` names (the 50,000-image JPEG tree, extracted, for longer
+budgets: `--dataset dir:PATH/train`), and evaluation `cifar10_test.npz`,
+both from the shared data folder. With --validation the
 queries are instead 5,000 other CIFAR-10 *training* images (files 1000-1499 of
 each class in `cifar10_train_jpeg.tar.gz`, disjoint from the 10k): choose the
 recipe and the perturbation settings there, never on the test set. Every row
@@ -55,8 +57,9 @@ COLUMNS = ("encoder", "knn_accuracy", "linear_accuracy", "final_z_std", "steps",
 # split): the library's defaults but for base lr 0.06 and the paper's
 # projector and predictor sizes, 20 epochs of the 10k file.
 RECIPE = dict(epochs=20, base_lr=0.06, proj_dim=2048, pred_hidden=512, knn_every=5)
-# key: (row label, config changes): `perturbation`, `perturb` and `views`, or
-# a rival `method` with the knobs it sets (SimCLICConfig.for_method).
+# key: (row label, the knobs that define the row): `perturbation`, `perturb`
+# and `views`, or a rival `method` and the knobs it fixes. A method's recipe
+# knobs (methods.py) apply under the flags given, so a screen can vary them.
 SSL_ROWS = {
     "none": ("SimSiam (none)", dict(perturbation="none")),
     "history": ("SimCLIC history", dict(perturbation="history")),
@@ -80,7 +83,7 @@ SSL_ROWS = {
     "history_ramp_1view": ("SimCLIC history, 1 view, ramped",
                            dict(perturbation="history", views=1, strength_ramp=0.5)),
     # The rival methods on the same encoder, heads and optimiser (simclic_tf/methods.py).
-    **{method: (label, dict(method=method, **METHODS.get(method).knobs()))
+    **{method: (label, dict(method=method, **METHODS.get(method).fixed))
        for method, label in (("byol", "BYOL"), ("simclr", "SimCLR"), ("nnsiam", "NNSiam"))},
 }
 
@@ -105,6 +108,15 @@ def write_validation_set(data_dir, path, first=1000, per_class=500):
                 paths.append(member.name)
     np.savez(path, x=np.stack(images), y=np.array(labels, np.int64),
              class_names=np.array(class_names), source_paths=np.array(paths))
+
+
+def row_config(base, key, explicit):
+    """The config of row `key`: `base`, its method's recipe knobs but those
+    in `explicit` (the flags given), then the knobs that define the row."""
+    changes = SSL_ROWS[key][1]
+    recipe = METHODS.get(changes.get("method", "simclic")).recipe
+    return base.replace(**{knob: value for knob, value in recipe.items() if knob not in explicit},
+                        **changes)
 
 
 def supervised_row(config, train_set, test_set):
@@ -160,14 +172,17 @@ def main():
     start = base_config(args) if args.recipe or args.config else SimCLICConfig(**RECIPE)
     explicit = {field.name: getattr(args, field.name) for field in dataclasses.fields(start)
                 if getattr(args, field.name) is not None}
+    if args.validation and "dataset" in explicit:
+        parser.error("--validation with --dataset: the validation images are CIFAR-10 training "
+                     "images outside the 10k file, so pretrain on that file (drop --dataset)")
     eval_file = f"{args.data}/cifar10_test.npz"
     if args.validation:
         eval_file = f"{args.out}/cifar10_validation_5k.npz"
         if not os.path.exists(eval_file):
             os.makedirs(args.out, exist_ok=True)
             write_validation_set(args.data, eval_file)
-    base = start.replace(**explicit).replace(
-        dataset=f"npz:{args.data}/cifar10_train_10k.npz", eval_dataset=f"npz:{eval_file}")
+    base = start.replace(**{"dataset": f"npz:{args.data}/cifar10_train_10k.npz", **explicit},
+                         eval_dataset=f"npz:{eval_file}")
 
     wanted = args.rows.split(",")
     unknown = set(wanted) - set(SSL_ROWS)
@@ -178,8 +193,8 @@ def main():
         wanted = ["none"] + [key for key in wanted if key != "none"]
     rows, simsiam_seconds = [], None
     for key in wanted:
-        name, changes = SSL_ROWS[key]
-        config = base.replace(**changes)
+        name = SSL_ROWS[key][0]
+        config = row_config(base, key, explicit)
         if args.equal_wall and key != "none":
             config = config.replace(time_budget=f"{simsiam_seconds:.0f}s")
             name += f" (SimSiam's time, {config.time_budget})"

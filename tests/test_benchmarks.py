@@ -45,6 +45,23 @@ def test_validation_set_is_balanced_and_disjoint_from_pretraining(accuracy_at_bu
         assert source.split("/")[1] == pretraining["class_names"][label]
 
 
+def test_a_flag_given_overrides_a_rival_rows_recipe_but_not_what_defines_it():
+    """So that a validation screen can vary a rival's recipe knobs from the command line."""
+    from simclic_tf import SimCLICConfig
+
+    rows = benchmark("accuracy_at_budget")
+    base = SimCLICConfig(temperature=0.5, queue_size=1024, perturbation="history")
+    screened = rows.row_config(base, "simclr", {"temperature": 0.5})
+    assert (screened.method, screened.temperature, screened.loss) == ("simclr", 0.5, "nt_xent")
+    assert rows.row_config(base, "simclr", {}).temperature == 0.2  # the recipe's
+    assert rows.row_config(base, "nnsiam", {"queue_size": 1024}).queue_size == 1024
+    byol = rows.row_config(base, "byol", {})
+    assert (byol.perturbation, byol.target_momentum) == ("none", 0.99)
+    history = rows.row_config(base.replace(perturbation="noise"), "history_ramp_1view",
+                              {"perturbation": "noise"})
+    assert (history.perturbation, history.views, history.strength_ramp) == ("history", 1, 0.5)
+
+
 @pytest.fixture(scope="module")
 def peer_step():
     return benchmark("peer_step")
