@@ -268,10 +268,11 @@ def test_method_expands_to_its_knobs_then_the_flags_given():
     # A SimCLIC perturbation of BYOL's EMA target, and its momentum, are free.
     byol = parse(["--method", "byol", "--perturbation", "history", "--target-momentum", "0.996"])
     assert (byol.perturbation, byol.target_momentum) == ("history", 0.996)
-    simclr = parse(["--method", "simclr", "--temperature", "0.2"])
+    simclr = parse(["--method", "simclr"])
     assert (simclr.perturbation, simclr.predictor, simclr.loss, simclr.stop_gradient,
             simclr.temperature, simclr.target_momentum) == ("none", "none", "nt_xent", False,
                                                             0.2, 0.0)
+    assert parse(["--method", "simclr", "--temperature", "0.5"]).temperature == 0.5
     nnsiam = parse(["--method", "nnsiam"])
     assert (nnsiam.perturbation, nnsiam.queue_size) == ("nearest_neighbour", 8192)
     # Over a recipe: its other knobs stay.
@@ -317,17 +318,24 @@ def test_a_method_config_round_trips_through_json(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["simclr"])  # BYOL and NNSiam: not yet (issue 21)
-def test_each_method_learns_on_shapes(tmp_path, method):
-    """A width-8 ResNet-18, 8 epochs of batch 64 (368 steps, about a minute)."""
+@pytest.mark.parametrize("method, epochs, knobs", [
+    # BYOL's target averages about 1 / (1 - tau) steps: at 0.99 (its CIFAR
+    # recipe) it barely moves in a run this short (29 % kNN against 42 % at
+    # random init, measured at 16 epochs); at 0.9 it learns (62 %).
+    ("byol", 16, ["--target-momentum", "0.9"]),
+    ("nnsiam", 16, ["--queue-size", "4096"]),  # measured 64 % against 42 %
+    ("simclr", 8, []),  # measured 70 % against 42 %
+])
+def test_each_method_learns_on_shapes(tmp_path, method, epochs, knobs):
+    """A width-8 ResNet-18, batch 64, 46 steps an epoch (8 epochs take about a
+    minute): kNN at least 10 points above the same encoder at random init."""
     run_dir = tmp_path / method
     assert train(["--method", method, "--dataset", "shapes", "--width", "8", "--proj-dim", "128",
-                  "--pred-hidden", "32", "--batch-size", "64", "--epochs", "8", "--base-lr", "0.5",
-                  "--crop-min-scale", "0.4", "--queue-size", "1024", "--linear-epochs", "0",
+                  "--pred-hidden", "32", "--batch-size", "64", "--epochs", str(epochs),
+                  "--base-lr", "0.5", "--crop-min-scale", "0.4", "--linear-epochs", "0",
                   "--knn-every", "0", "--knn-k", "20", "--precision", "float32",
-                  "--run-dir", str(run_dir)]) == 0
+                  "--run-dir", str(run_dir), *knobs]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["config"]["method"] == method
-    # SimCLR measured 70 % against 42 %.
     assert (report["pretrained"]["knn_accuracy"]
             > report["random_init"]["knn_accuracy"] + 0.1), report
