@@ -147,7 +147,7 @@ class SimCLICConfig(Knobs):
         range=(0.0, 0.9999))
     loss: str = knob("cosine", "distance D(p, t)", choices=LOSSES)
     temperature: float = knob(
-        0.5, "temperature of the nt_xent loss (SimCLR's CIFAR-10 value)", range=(0.01, 10.0))
+        0.2, "temperature of the nt_xent loss (--method simclr's recipe)", range=(0.01, 10.0))
     # Optimisation.
     batch_size: int = knob(128, "global batch size", range=(2, 1 << 20))
     epochs: int = knob(20, "pretraining epochs", range=(1, 100000))
