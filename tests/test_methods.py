@@ -322,13 +322,15 @@ def test_a_method_config_round_trips_through_json(tmp_path):
     # BYOL's target averages about 1 / (1 - tau) steps: at 0.99 (its CIFAR
     # recipe) it barely moves in a run this short (29 % kNN against 42 % at
     # random init, measured at 16 epochs); at 0.9 it learns (62 %).
+    ("simsiam", 16, []),  # measured 74 % against 42 %
     ("byol", 16, ["--target-momentum", "0.9"]),
     ("nnsiam", 16, ["--queue-size", "4096"]),  # measured 64 % against 42 %
     ("simclr", 8, []),  # measured 70 % against 42 %
 ])
 def test_each_method_learns_on_shapes(tmp_path, method, epochs, knobs):
     """A width-8 ResNet-18, batch 64, 46 steps an epoch (8 epochs take about a
-    minute): kNN at least 10 points above the same encoder at random init."""
+    minute): kNN at least 10 points above the same encoder at random init.
+    SimCLIC's defaults learning on shapes is the Quickstart's check."""
     run_dir = tmp_path / method
     assert train(["--method", method, "--dataset", "shapes", "--width", "8", "--proj-dim", "128",
                   "--pred-hidden", "32", "--batch-size", "64", "--epochs", str(epochs),
