@@ -18,7 +18,9 @@ Pretraining reads `cifar10_train_10k.npz` (its labels serve only the kNN
 memory, the linear classifier and the supervised row), or the CIFAR-10 set
 `--dataset` names (the 50,000-image JPEG tree, extracted, for longer
 budgets: `--dataset dir:PATH/train`), and evaluation `cifar10_test.npz`,
-both from the shared data folder. With --validation the
+both from the shared data folder. `--tinyimagenet` pretrains on 30 images
+a class of `tinyimagenet200_val.npz` (6,000) instead and queries 10 others
+a class (2,000; `write_tinyimagenet_split`). With --validation the
 queries are instead 5,000 other CIFAR-10 *training* images (files 1000-1499 of
 each class in `cifar10_train_jpeg.tar.gz`, disjoint from the 10k): choose the
 recipe and the perturbation settings there, never on the test set. Every row
@@ -110,6 +112,48 @@ def write_validation_set(data_dir, path, first=1000, per_class=500):
              class_names=np.array(class_names), source_paths=np.array(paths))
 
 
+TINYIMAGENET_SPLIT = {"pretraining": 30, "validation": 10, "test": 10}  # images per class
+
+
+def write_tinyimagenet_split(data_dir, out):
+    """Splits the shared Tiny-ImageNet file (50 images a class) by class, in
+    file order, as TINYIMAGENET_SPLIT: images to pretrain on (their labels
+    serve the kNN memory and the linear classifier), validation queries and
+    held-out test queries. Writes each as an npz under `out` once; returns
+    {part: path}."""
+    paths = {part: f"{out}/tinyimagenet_{part}.npz" for part in TINYIMAGENET_SPLIT}
+    if all(os.path.exists(path) for path in paths.values()):
+        return paths
+    with np.load(f"{data_dir}/tinyimagenet200_val.npz") as data:
+        data = dict(data)
+    rank = np.zeros(len(data["y"]), np.int64)  # each image's place within its class
+    for label in np.unique(data["y"]):
+        members = np.flatnonzero(data["y"] == label)
+        rank[members] = np.arange(len(members))
+    start = 0
+    for part, per_class in TINYIMAGENET_SPLIT.items():
+        chosen = (rank >= start) & (rank < start + per_class)
+        start += per_class
+        np.savez(paths[part], x=data["x"][chosen], y=data["y"][chosen],
+                 class_names=data["class_names"], source_paths=data["source_paths"][chosen])
+    return paths
+
+
+def data_files(args):
+    """(pretraining npz, evaluation npz) for the data set and split the flags
+    ask for; a derived split is written under --out."""
+    os.makedirs(args.out, exist_ok=True)
+    if args.tinyimagenet:
+        split = write_tinyimagenet_split(args.data, args.out)
+        return split["pretraining"], split["validation" if args.validation else "test"]
+    eval_file = f"{args.data}/cifar10_test.npz"
+    if args.validation:
+        eval_file = f"{args.out}/cifar10_validation_5k.npz"
+        if not os.path.exists(eval_file):
+            write_validation_set(args.data, eval_file)
+    return f"{args.data}/cifar10_train_10k.npz", eval_file
+
+
 def row_config(base, key, explicit):
     """The config of row `key`: `base`, its method's recipe knobs but those
     in `explicit` (the flags given), then the knobs that define the row."""
@@ -163,6 +207,10 @@ def main():
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on 5,000 held-out CIFAR-10 training images, "
                         "not the test file")
+    parser.add_argument("--tinyimagenet", action="store_true",
+                        help="Tiny-ImageNet instead of CIFAR-10: pretrain on 30 images a class "
+                        "of the shared file, query 10 others (--image-size 32 to keep "
+                        "CIFAR's step)")
     parser.add_argument("--equal-wall", action="store_true",
                         help="give every row SimSiam's wall time instead of its steps")
     parser.add_argument("--out", default="runs/accuracy_at_budget")
@@ -172,16 +220,11 @@ def main():
     start = base_config(args) if args.recipe or args.config else SimCLICConfig(**RECIPE)
     explicit = {field.name: getattr(args, field.name) for field in dataclasses.fields(start)
                 if getattr(args, field.name) is not None}
-    if args.validation and "dataset" in explicit:
-        parser.error("--validation with --dataset: the validation images are CIFAR-10 training "
-                     "images outside the 10k file, so pretrain on that file (drop --dataset)")
-    eval_file = f"{args.data}/cifar10_test.npz"
-    if args.validation:
-        eval_file = f"{args.out}/cifar10_validation_5k.npz"
-        if not os.path.exists(eval_file):
-            os.makedirs(args.out, exist_ok=True)
-            write_validation_set(args.data, eval_file)
-    base = start.replace(**{"dataset": f"npz:{args.data}/cifar10_train_10k.npz", **explicit},
+    if (args.validation or args.tinyimagenet) and "dataset" in explicit:
+        parser.error("--dataset with --validation or --tinyimagenet: their queries are held out "
+                     "of the shared files, so pretrain on those (drop --dataset)")
+    train_file, eval_file = data_files(args)
+    base = start.replace(**{"dataset": f"npz:{train_file}", **explicit},
                          eval_dataset=f"npz:{eval_file}")
 
     wanted = args.rows.split(",")

@@ -45,6 +45,23 @@ def test_validation_set_is_balanced_and_disjoint_from_pretraining(accuracy_at_bu
         assert source.split("/")[1] == pretraining["class_names"][label]
 
 
+def test_the_tinyimagenet_split_is_stratified_and_its_parts_disjoint(accuracy_at_budget, tmp_path):
+    paths = accuracy_at_budget.write_tinyimagenet_split(SHARED_DATA, tmp_path)
+    parts = {part: np.load(path) for part, path in paths.items()}
+    sources = [set(part["source_paths"]) for part in parts.values()]
+    assert sum(map(len, sources)) == len(set.union(*sources)) == 10000
+    for part, per_class in accuracy_at_budget.TINYIMAGENET_SPLIT.items():
+        np.testing.assert_array_equal(np.bincount(parts[part]["y"], minlength=200), per_class)
+        assert parts[part]["x"].shape == (200 * per_class, 64, 64, 3)
+    whole = np.load(SHARED_DATA / "tinyimagenet200_val.npz")
+    index = {path: i for i, path in enumerate(whole["source_paths"])}
+    test = parts["test"]
+    for i in (0, 777, 1999):  # images and labels travel together
+        j = index[test["source_paths"][i]]
+        assert test["y"][i] == whole["y"][j]
+        np.testing.assert_array_equal(test["x"][i], whole["x"][j])
+
+
 def test_a_flag_given_overrides_a_rival_rows_recipe_but_not_what_defines_it():
     """So that a validation screen can vary a rival's recipe knobs from the command line."""
     from simclic_tf import SimCLICConfig
