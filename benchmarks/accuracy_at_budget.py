@@ -155,12 +155,12 @@ def data_files(args):
 
 
 def row_config(base, key, explicit):
-    """The config of row `key`: `base`, its method's recipe knobs but those
-    in `explicit` (the flags given), then the knobs that define the row."""
-    changes = SSL_ROWS[key][1]
-    recipe = METHODS.get(changes.get("method", "simclic")).recipe
-    return base.replace(**{knob: value for knob, value in recipe.items() if knob not in explicit},
-                        **changes)
+    """The config of row `key`: `base` made the row's method as `--method`
+    makes it (its knobs, then the flags given: `explicit`'s names, at their
+    values in `base`), then the knobs that define the row."""
+    changes = dict(SSL_ROWS[key][1])
+    given = {name: getattr(base, name) for name in explicit}
+    return base.for_method(changes.pop("method", base.method), **{**given, **changes})
 
 
 def supervised_row(config, train_set, test_set):
@@ -224,8 +224,8 @@ def main():
         parser.error("--dataset with --validation or --tinyimagenet: their queries are held out "
                      "of the shared files, so pretrain on those (drop --dataset)")
     train_file, eval_file = data_files(args)
-    base = start.replace(**{"dataset": f"npz:{train_file}", **explicit},
-                         eval_dataset=f"npz:{eval_file}")
+    base = start.replace(**{"dataset": f"npz:{train_file}", **explicit,
+                            "eval_dataset": f"npz:{eval_file}"})
 
     wanted = args.rows.split(",")
     unknown = set(wanted) - set(SSL_ROWS)
