@@ -138,6 +138,19 @@ class StepTimer(keras.callbacks.Callback):
         return [b - a for a, b in zip(later, later[1:])]
 
 
+def time_epoch_end(model, knn_monitor=None):
+    """(checkpoint seconds, kNN monitor seconds; 0 without one): what an
+    epoch's end costs `model`, each the fastest of `TIMED_REPEATS`."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "timing.weights.h5")
+        checkpoint_seconds = fastest_seconds(lambda: model.save_weights(path))
+    knn_seconds = 0.0
+    if knn_monitor is not None:
+        knn_monitor.accuracy(model.backbone)  # the first also traces the feature extractor
+        knn_seconds = fastest_seconds(lambda: knn_monitor.accuracy(model.backbone))
+    return checkpoint_seconds, knn_seconds
+
+
 def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=None):
     """The `BudgetPlan` of `config.time_budget` for a training set of
     `num_samples` images: the steps of a throwaway `model` (built, as the
@@ -150,13 +163,7 @@ def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=N
     model.fit(dataset, epochs=1, steps_per_epoch=TIMING_STEPS, verbose=0, callbacks=[timer],
               shuffle=False)
     steps = timer.step_intervals()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "timing.weights.h5")
-        checkpoint_seconds = fastest_seconds(lambda: model.save_weights(path))
-    knn_seconds = 0.0
-    if knn_monitor is not None:
-        knn_monitor.accuracy(model.backbone)  # the first also traces the feature extractor
-        knn_seconds = fastest_seconds(lambda: knn_monitor.accuracy(model.backbone))
+    checkpoint_seconds, knn_seconds = time_epoch_end(model, knn_monitor)
     startup, step = build_seconds + timer.first_call_seconds, statistics.fmean(steps)
     spent = time.perf_counter() - started
     epochs, steps_per_epoch = plan_length(config, num_samples, budget, step, startup,
@@ -180,8 +187,10 @@ class BudgetClock(keras.callbacks.Callback):
     """Adds `seconds`, the pretraining seconds spent so far, to every epoch's
     logs (so history.csv holds it and a resume continues the account), and
     with a `budget_seconds` ends training before a step that, with the
-    epoch's end after it (the kNN monitor, checkpoint and logs: the longest
-    seen, at first `epoch_end_seconds`), could pass the budget.
+    epoch's end after it, could pass the budget. Both are the slowest seen
+    (a step after the fit's first, which traces; an epoch's end, with the kNN
+    monitor, checkpoint and logs, at first `epoch_end_seconds`): a step's
+    jitter must not carry the run past its budget.
 
     Args:
       spent_seconds: spent before this fit (the timing, or a resumed run's
@@ -199,6 +208,7 @@ class BudgetClock(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.start, self.end, self.last_batch_end = time.perf_counter(), None, None
+        self.slowest_step = 0.0
 
     @property
     def seconds(self):
@@ -214,12 +224,14 @@ class BudgetClock(keras.callbacks.Callback):
         self.batch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        first_of_fit = self.last_batch_end is None
         self.last_batch_end = time.perf_counter()
         if self.budget_seconds is None:
             return
-        step = self.last_batch_end - self.batch_start
+        if not first_of_fit:
+            self.slowest_step = max(self.slowest_step, self.last_batch_end - self.batch_start)
         done = self.model.optimizer.iterations.numpy().item()
-        if (self.seconds + step + self.epoch_end_seconds > self.budget_seconds
+        if (self.seconds + self.slowest_step + self.epoch_end_seconds > self.budget_seconds
                 and done < self.params["epochs"] * self.params["steps"]):
             self.ran_out = done
             self.model.stop_training = True

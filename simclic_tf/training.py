@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from simclic_tf import augment, distribute, pipelines
 from simclic_tf.budget import (TIMING_STEPS, BudgetClock, BudgetPlan, parse_duration,
-                               plan_budget)
+                               plan_budget, time_epoch_end)
 from simclic_tf.callbacks import CollapseMonitor, DivergenceGuard, KNNMonitor
 from simclic_tf.model import SimCLIC, build_optimizer
 
@@ -110,9 +110,13 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
     config, derived = config.for_budget(steps_per_epoch)
     augmentation, dataset = pretrain_inputs(config, train_set, strategy, initial_epoch)
     model = build_model(config, train_set, strategy)
-    budget_seconds = parse_duration(config.time_budget) if config.time_budget else None
+    budget_seconds, epoch_end_seconds = None, 0.0
+    if config.time_budget:
+        budget_seconds = parse_duration(config.time_budget)
+        epoch_end_seconds = sum((plan.checkpoint_seconds, plan.knn_seconds) if plan
+                                else time_epoch_end(model, knn_monitor))
     clock = BudgetClock(spent_seconds + time.perf_counter() - started, budget_seconds,
-                        plan.knn_seconds + plan.checkpoint_seconds if plan else 0.0)
+                        epoch_end_seconds)
     return Pretraining(config, model, augmentation, dataset, steps_per_epoch, initial_epoch,
                        observers(config, knn_monitor, clock), derived, plan, precision_pick)
 

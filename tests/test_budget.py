@@ -4,10 +4,13 @@ import json
 import time
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from simclic_tf import SimCLICConfig
-from simclic_tf.budget import PLANNED_SHARE, fastest_seconds, knn_evaluations, plan_length
+from simclic_tf.budget import (PLANNED_SHARE, BudgetClock, fastest_seconds, knn_evaluations,
+                               plan_length)
 from simclic_tf.commands import train
 from simclic_tf.config import ConfigError, parse_duration
 
@@ -70,6 +73,28 @@ def test_one_slow_save_does_not_size_every_epochs_end():
     # it left a 2-minute run 36 % short of its budget.
     delays = iter([0.5, 0.0])
     assert fastest_seconds(lambda: time.sleep(next(delays))) < 0.1
+
+
+def test_a_step_as_slow_as_one_seen_before_does_not_carry_the_run_past_its_budget():
+    # CI once ended a budgeted run 0.08 s past its 45 s: the clock had
+    # expected the next step to take as long as the last.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    clock, spike = BudgetClock(budget_seconds=2.0), 0.3
+
+    class Spikes(keras.callbacks.Callback):
+        """One slow step early, then one wherever it would end past the budget."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2 or clock.seconds + spike > clock.budget_seconds:
+                time.sleep(spike)
+
+    batch = np.zeros((8, 4), "float32")
+    dataset = tf.data.Dataset.from_tensors((batch, batch[:, :1])).repeat()
+    model.fit(dataset, epochs=1, steps_per_epoch=100_000, callbacks=[clock, Spikes()],
+              verbose=0)
+    assert clock.ran_out is not None
+    assert clock.seconds <= clock.budget_seconds
 
 
 @pytest.mark.e2e
