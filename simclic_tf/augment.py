@@ -28,6 +28,9 @@ GRAYSCALE_P = 0.2
 BLUR_P = 0.5
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_MIN_SIZE = 96  # blur is for ImageNet-like resolutions only
+# Seeds one augmentation takes from its seed on (one per layer): a second
+# augmentation seeded this far on draws apart from the first.
+SEEDS_PER_AUGMENTATION = 6
 
 
 class ParallelSafeSeedGenerator(keras.random.SeedGenerator):
@@ -193,7 +196,7 @@ def build_augmentation(image_size, channels, blur=None, crop_scale=CROP_SCALE, s
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     if blur is None:
         blur = min(height, width) >= BLUR_MIN_SIZE
-    seeds = [None if seed is None else seed + k for k in range(6)]
+    seeds = [None if seed is None else seed + k for k in range(SEEDS_PER_AUGMENTATION)]
     # float32 even under a mixed-precision policy: this runs in tf.data.
     dtype = "float32"
     jitter = dict(

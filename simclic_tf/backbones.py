@@ -31,13 +31,18 @@ def batch_normalization(**kwargs):
     return layer
 
 
-def copy_model(model):
+def copy_model(model, input_shape=None):
     """A copy of a Keras model with its own variables and the same weights
-    (BatchNorm statistics included). Its BatchNormalizations are built by
+    (BatchNorm statistics included), on an input of `input_shape` (height,
+    width, channels) when given. Its BatchNormalizations are built by
     `batch_normalization`, so fused under mixed_bfloat16: clone_model alone
     rebuilds stock ones, which made BYOL's target encoder's forward pass
     as slow as a training step."""
-    copy = keras.models.clone_model(model, clone_function=_clone_layer)
+    inputs = None
+    if input_shape is not None:
+        inputs = keras.Input(tuple(input_shape), dtype=model.input.dtype,
+                             name=model.layers[0].name)
+    copy = keras.models.clone_model(model, input_tensors=inputs, clone_function=_clone_layer)
     copy.set_weights(model.get_weights())
     return copy
 

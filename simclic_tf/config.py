@@ -136,6 +136,10 @@ class SimCLICConfig(Knobs):
         "its recipe's (simclic_tf/methods.py); flags given override the recipe's",
         choices=METHODS)
     views: int = knob(2, "augmented views per image", choices=(1, 2))
+    second_view_size: int = knob(
+        0, "side in pixels of the second view's crop (0: the images' own): a smaller "
+        "second view, as multi-crop's small crops (Caron et al. 2020), costs less per step; "
+        "needs --views 2", range=(0, 4096))
     perturb: str = knob(
         "target", "branch the perturbation is applied to", choices=("target", "online")
     )
@@ -234,6 +238,10 @@ class SimCLICConfig(Knobs):
                 "step enqueues the whole batch; give a queue at least one batch long")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        if self.second_view_size and self.views != 2:
+            raise ConfigError(
+                f"--second-view-size {self.second_view_size} needs --views 2 (given "
+                f"--views {self.views}): it sizes the second view")
         if self.views == 1 and self.perturbation == "none":
             raise ConfigError(
                 "--views 1 needs a perturbation (--perturbation history, dropout "

@@ -79,9 +79,17 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         self.num_samples = int(num_samples)
         self.num_classes = num_classes
         self.custom_backbone = backbone is not None
+        # A smaller second view needs a backbone open to any height and width.
+        backbone_shape = ((None, None, self.image_shape[-1]) if config.second_view_size
+                          else self.image_shape)
         self.backbone = backbone if self.custom_backbone else build_backbone(
-            config.backbone, self.image_shape, config.width, config.bn_momentum,
+            config.backbone, backbone_shape, config.width, config.bn_momentum,
             config.zero_init_residual)
+        if config.second_view_size and None not in self.backbone.input_shape[1:3]:
+            raise ConfigError(
+                f"--second-view-size {config.second_view_size}: the backbone "
+                f"{self.backbone.name} takes only {self.backbone.input_shape[1:3]} images; "
+                "give one whose input is keras.Input((None, None, channels))")
         if len(self.backbone.output.shape) != 2:
             raise ConfigError(f"the backbone must map images to feature vectors (B, D); "
                               f"{self.backbone.name} returns {self.backbone.output.shape}: "

@@ -10,6 +10,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.hparams import api_pb2, summary as hparams_summary
 
 from simclic_tf import plots
+from simclic_tf.backbones import copy_model
 from simclic_tf.evaluation import extract_features
 from simclic_tf.faults import atomic_path
 from simclic_tf.report import hparam_values, tensorboard_metrics
@@ -71,7 +72,12 @@ def log_results(report, run_dir):
 
 
 def export(model, run_dir):
-    """model.keras and encoder.keras, each written whole or not at all."""
-    for network, name in ((model, "model.keras"), (model.backbone, "encoder.keras")):
+    """model.keras and encoder.keras, each written whole or not at all. The
+    encoder takes the images' shape, also where a smaller second view kept
+    the backbone open to any size: transfer and downstream users read it."""
+    encoder = model.backbone
+    if None in encoder.input_shape[1:3]:
+        encoder = copy_model(encoder, model.image_shape)
+    for network, name in ((model, "model.keras"), (encoder, "encoder.keras")):
         with atomic_path(os.path.join(run_dir, name)) as partial:
             network.save(partial)

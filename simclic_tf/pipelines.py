@@ -29,8 +29,9 @@ def pretrain_dataset(images, batch_size, views, augment, seed=0, with_labels=Fal
     steps_per_epoch=...)`.
 
     `views` is a tuple of `views` (1 or 2) float32 batches (B, H, W, C) in [0, 1],
-    each an independent draw of `augment` on the same images; `indices` (B,)
-    int32 are the images' stable indices (the history bank's keys).
+    each an independent draw of `augment` on the same images (or of the view's
+    own, when `augment` is a tuple of one per view: a smaller second view);
+    `indices` (B,) int32 are the images' stable indices (the history bank's keys).
 
     The run is a stream of passes over the data, `len(images) // batch_size`
     whole global batches each, epochs cut from it by `steps_per_epoch`: pass p
@@ -49,6 +50,10 @@ def pretrain_dataset(images, batch_size, views, augment, seed=0, with_labels=Fal
     that yields them in the same order every time: its i-th image is index i.
     """
     views = checked_value("views", views)
+    augments = tuple(augment) if isinstance(augment, (tuple, list)) else (augment,) * views
+    if len(augments) != views:
+        raise ValueError(f"{len(augments)} augmentations for {views} views: give one, or "
+                         "one per view")
     images = as_images(images)
     if with_labels and images.labels is None:
         raise DataError(f"{flag('online_probe')} needs labels; the training set has none "
@@ -69,7 +74,7 @@ def pretrain_dataset(images, batch_size, views, augment, seed=0, with_labels=Fal
     if images.random_access:
         batches = images.read(batches, share.per_replica)
     labels = tf.constant(images.labels, tf.int32) if with_labels else None
-    batches = batches.map(functools.partial(make_views, augment, views, labels),
+    batches = batches.map(functools.partial(make_views, augments, labels),
                           num_parallel_calls=AUTOTUNE)
     return batches.apply(tf.data.experimental.assert_cardinality(
         (last - first) * share.local)).prefetch(AUTOTUNE)
@@ -139,14 +144,14 @@ def permute_window(seed, number, window, images):
     return tf.gather(indices, order), tf.gather(pixels, order)
 
 
-def make_views(augment, views, labels, indices, pixels):
-    """A training element: `views` draws of `augment` on the pixels (uint8,
-    or floats already in [0, 1]) as float32 in [0, 1], the int32 indices,
-    and with `labels` (the online probe's) the batch's labels."""
+def make_views(augments, labels, indices, pixels):
+    """A training element: a view drawn by each of `augments` on the pixels
+    (uint8, or floats already in [0, 1]) as float32 in [0, 1], the int32
+    indices, and with `labels` (the online probe's) the batch's labels."""
     batch = tf.cast(pixels, tf.float32)
     if pixels.dtype == tf.uint8:
         batch = batch / 255.0
-    element = (tuple(augment(batch) for _ in range(views)), tf.cast(indices, tf.int32))
+    element = (tuple(draw(batch) for draw in augments), tf.cast(indices, tf.int32))
     return element if labels is None else element + (tf.gather(labels, indices),)
 
 

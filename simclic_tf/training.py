@@ -22,6 +22,7 @@ from simclic_tf import augment, distribute, pipelines
 from simclic_tf.budget import (TIMING_STEPS, BudgetClock, BudgetPlan, parse_duration,
                                plan_budget, time_epoch_end)
 from simclic_tf.callbacks import CollapseMonitor, DivergenceGuard, KNNMonitor
+from simclic_tf.config import ConfigError
 from simclic_tf.model import SimCLIC, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -174,15 +175,25 @@ def pretrain_inputs(config, train_set, strategy=None, initial_epoch=0):
     """(augmentation, pretraining dataset) for this config from `initial_epoch`
     on, distributed for `strategy` (default: the current one); train on it
     with fit(steps_per_epoch=config.epoch_steps(len(train_set))). SimSiam's
-    augmentation seeded by `config.seed`, and labels in the batches when the
-    online probe needs them."""
+    augmentation seeded by `config.seed` (with `config.second_view_size`, the
+    second view's its own, cropping to that size), and labels in the batches
+    when the online probe needs them."""
     shape = train_set.image_shape
-    augmentation = augment.build_augmentation(shape[:2], shape[-1],
-                                              crop_scale=(config.crop_min_scale, 1.0),
+    crop_scale = (config.crop_min_scale, 1.0)
+    augmentation = augment.build_augmentation(shape[:2], shape[-1], crop_scale=crop_scale,
                                               seed=config.seed)
+    augments = augmentation
+    if config.second_view_size:
+        if config.second_view_size > min(shape[:2]):
+            raise ConfigError(f"--second-view-size {config.second_view_size} is larger than "
+                              f"the images ({shape[0]}x{shape[1]}); give at most "
+                              f"{min(shape[:2])}, or 0 for the images' own size")
+        augments = (augmentation, augment.build_augmentation(
+            config.second_view_size, shape[-1], crop_scale=crop_scale,
+            seed=config.seed + augment.SEEDS_PER_AUGMENTATION))
     return augmentation, pipelines.distribute_pretraining(
         strategy or tf.distribute.get_strategy(), train_set, config.batch_size,
-        views=config.views, augment=augmentation, seed=config.seed,
+        views=config.views, augment=augments, seed=config.seed,
         with_labels=config.online_probe, epochs=config.epochs,
         initial_epoch=initial_epoch, steps_per_epoch=config.epoch_steps(len(train_set)))
 

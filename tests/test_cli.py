@@ -80,6 +80,19 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert visits.sum() == 2 * (1437 // 64) * 64  # every step wrote its batch
 
 
+def test_a_smaller_second_view_still_exports_an_encoder_of_the_images_shape(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(TINY + ["--epochs", "1", "--second-view-size", "4", "--linear-epochs", "0",
+                         "--knn-every", "0", "--run-dir", str(run_dir)]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["second_view_size"] == 4
+    encoder = keras.models.load_model(run_dir / "encoder.keras", safe_mode=True)
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    assert encoder.input_shape == (None, 8, 8, 1)  # what transfer needs
+    assert model.backbone.input_shape == (None, None, None, 1)
+    images = np.random.default_rng(0).random((4, 8, 8, 1), "float32")
+    np.testing.assert_allclose(encoder(images), model.backbone(images), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.e2e
 def test_the_online_probe_is_logged_and_reported_apart(tmp_path):
     run_dir = tmp_path / "run"

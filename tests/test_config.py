@@ -117,3 +117,9 @@ def test_the_other_settings_hold_python_values_and_share_the_configs_knobs():
     assert transfer.out_dir == os.path.abspath("runs/a/transfer")
     assert FineTuneConfig(batch_size=64).replace(flip=False) == FineTuneConfig(
         batch_size=64, flip=False)
+
+
+def test_a_second_view_size_needs_two_views():
+    with pytest.raises(ConfigError, match="--second-view-size 16 needs --views 2 "
+                                          r"\(given --views 1\)"):
+        SimCLICConfig(perturbation="history", views=1, second_view_size=16)

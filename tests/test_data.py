@@ -14,6 +14,7 @@ from simclic_tf.augment import build_augmentation
 from simclic_tf.config import ConfigError, SimCLICConfig
 from simclic_tf.pipelines import eval_dataset, pretrain_dataset
 from simclic_tf.sources import DataError, load_images, load_train_and_eval
+from simclic_tf.training import pretrain_inputs
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLASSES = ("airplane", "cat", "ship")
@@ -412,6 +413,24 @@ def test_pretrain_dataset_views_are_independent_augmentations():
     (view1, view2), _ = next(iter(dataset))
     assert view1.shape == (8, 16, 16, 3) and 0 <= np.min(view1) and np.max(view1) <= 1
     assert np.abs(view1.numpy() - view2.numpy()).mean(axis=(1, 2, 3)).min() > 1e-3
+
+
+def test_a_view_with_its_own_augmentation_takes_its_own_size():
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    augments = (build_augmentation(16, 3, seed=0), build_augmentation(8, 3, seed=6))
+    (view1, view2), _ = next(iter(pretrain_dataset(images, 8, 2, augments)))
+    assert view1.shape == (8, 16, 16, 3) and view2.shape == (8, 8, 8, 3)
+
+
+def test_augmentations_one_for_all_views_or_one_per_view():
+    with pytest.raises(ValueError, match="2 augmentations for 1 views"):
+        pretrain_dataset(numbered_images(11), 4, 1, (tf.identity, tf.identity))
+
+
+def test_a_second_view_larger_than_the_images_names_the_flag_and_the_most_accepted():
+    config = SimCLICConfig(second_view_size=16, batch_size=4)
+    with pytest.raises(ConfigError, match=r"--second-view-size 16 .* \(8x8\); give at most 8"):
+        pretrain_inputs(config, pipelines.as_images(numbered_images(11, side=8)))
 
 
 def test_batch_larger_than_dataset_names_the_flag():

@@ -143,6 +143,27 @@ def test_views_one_uses_a_single_branch():
     assert float(loss) == pytest.approx(-float(ops.mean(cosine)), abs=1e-5)
 
 
+def test_a_smaller_second_view_trains_the_one_backbone_at_both_sizes():
+    model = tiny_model(second_view_size=4)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    (x1, x2), indices = batch()
+    small = ops.convert_to_numpy(ops.image.resize(x2, (4, 4)))
+    before = [w.numpy() for w in model.backbone.trainable_weights]
+    loss = model.compute_objective((x1, small), indices, training=True).loss
+    # First visit: the targets fall back to z, each view's through the one backbone.
+    z1, z2 = model.encode(x1, training=True), model.encode(small, training=True)
+
+    def cosine(p, z):
+        return ops.mean(ops.sum(ops.normalize(p, axis=-1) * ops.normalize(z, axis=-1), axis=-1))
+    expected = -(cosine(model.predictor(z1, training=True), z2)
+                 + cosine(model.predictor(z2, training=True), z1)) / 2
+    assert float(loss) == pytest.approx(float(expected), abs=1e-5)
+    logs = model.train_step(((x1, small), indices))
+    assert np.isfinite(float(logs["loss"]))
+    after = [w.numpy() for w in model.backbone.trainable_weights]
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
 def test_a_training_step_writes_the_views_mean_into_history():
     model = tiny_model(perturbation="history")
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # weights fixed: z is reproducible
