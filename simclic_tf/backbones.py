@@ -40,8 +40,9 @@ def copy_model(model, input_shape=None):
     as slow as a training step."""
     inputs = None
     if input_shape is not None:
-        inputs = keras.Input(tuple(input_shape), dtype=model.input.dtype,
+        inputs = keras.Input(tuple(input_shape), dtype=model.inputs[0].dtype,
                              name=model.layers[0].name)
+        inputs = [inputs] if isinstance(model.input, list) else inputs  # the same structure
     copy = keras.models.clone_model(model, input_tensors=inputs, clone_function=_clone_layer)
     copy.set_weights(model.get_weights())
     return copy
