@@ -35,6 +35,11 @@ TIMED_REPEATS = 2
 # not see: the progress bar and logs, and the steps' spread (epochs ran 8 %
 # over their plan in a 2-minute run on shapes).
 PLANNED_SHARE = 0.92
+# The shortest epoch a plan makes: each epoch also costs what the timing does
+# not see (a new iterator, the logs and callbacks: about 0.2 s here), which
+# epochs of a fraction of a second over a small set (41 of 22 steps in a
+# 2-minute run on shapes) add up past the budget's slack.
+MIN_EPOCH_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +86,15 @@ def plan_length(config, num_samples, budget_seconds, step_seconds, startup_secon
                 knn_seconds=0.0, checkpoint_seconds=0.0, spent_seconds=0.0):
     """(epochs, steps per epoch) that fill `budget_seconds` less `spent_seconds`
     (the timing) with a start-up, steps, the kNN monitor's evaluations and a
-    checkpoint an epoch. The epochs stay near passes over the data; an
-    explicit `config.steps_per_epoch` is kept and the epochs sized instead."""
+    checkpoint an epoch. The epochs stay near passes over the data, but none
+    shorter than MIN_EPOCH_SECONDS; an explicit `config.steps_per_epoch` is
+    kept and the epochs sized instead."""
     available = PLANNED_SHARE * budget_seconds - spent_seconds - startup_seconds
     pass_steps = config.epoch_steps(num_samples)
     monitor_share = knn_seconds / config.knn_every if config.knn_every else 0.0
-    epochs = max(1, round(available / (pass_steps * step_seconds + monitor_share
-                                       + checkpoint_seconds)))
+    epochs = max(1, min(round(available / (pass_steps * step_seconds + monitor_share
+                                           + checkpoint_seconds)),
+                        math.floor(available / MIN_EPOCH_SECONDS)))
     between_epochs = (knn_evaluations(epochs, config.knn_every) * knn_seconds
                       + epochs * checkpoint_seconds)
     steps = math.floor((available - between_epochs) / step_seconds)

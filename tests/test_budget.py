@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from simclic_tf import SimCLICConfig
-from simclic_tf.budget import (PLANNED_SHARE, BudgetClock, fastest_seconds, knn_evaluations,
-                               plan_length)
+from simclic_tf.budget import (MIN_EPOCH_SECONDS, PLANNED_SHARE, BudgetClock, fastest_seconds,
+                               knn_evaluations, plan_length)
 from simclic_tf.commands import train
 from simclic_tf.config import ConfigError, parse_duration
 
@@ -37,17 +37,29 @@ def test_epochs_beside_a_time_budget_is_an_error(capsys):
 
 def test_the_plan_fills_the_budget_with_whole_epochs_near_passes():
     config = SimCLICConfig(batch_size=100, knn_every=1)  # 1,000 images: 10 steps a pass
-    epochs, steps_per_epoch = plan_length(config, 1000, budget_seconds=100,
-                                          step_seconds=0.1, startup_seconds=5,
-                                          knn_seconds=0.5, checkpoint_seconds=0.25,
+    epochs, steps_per_epoch = plan_length(config, 1000, budget_seconds=1000,
+                                          step_seconds=1.0, startup_seconds=5,
+                                          knn_seconds=5, checkpoint_seconds=2.5,
                                           spent_seconds=10)
-    available = PLANNED_SHARE * 100 - 10 - 5
-    # A pass (10 steps, 1 s), its kNN evaluation (0.5 s) and checkpoint (0.25 s): 1.75 s.
-    assert epochs == round(available / 1.75)
-    assert steps_per_epoch == int((available - epochs * 0.75) / 0.1) // epochs
+    available = PLANNED_SHARE * 1000 - 10 - 5
+    # A pass (10 steps, 10 s), its kNN evaluation (5 s) and checkpoint (2.5 s): 17.5 s.
+    assert epochs == round(available / 17.5)
+    assert steps_per_epoch == int((available - epochs * 7.5) / 1.0) // epochs
     assert steps_per_epoch in (9, 10)  # near a pass
-    used = 10 + 5 + epochs * (steps_per_epoch * 0.1 + 0.75)
-    assert 0 <= PLANNED_SHARE * 100 - used < 0.1 * epochs  # less than a step an epoch left
+    used = 10 + 5 + epochs * (steps_per_epoch * 1.0 + 7.5)
+    assert 0 <= PLANNED_SHARE * 1000 - used < 1.0 * epochs  # less than a step an epoch left
+
+
+def test_no_planned_epoch_is_shorter_than_the_minimum():
+    """Passes of 0.2 s over a small set would make hundreds of epochs, each
+    with costs the timing does not see: the plan makes fewer, longer ones."""
+    config = SimCLICConfig(batch_size=100, knn_every=0)  # 10 steps a pass of 0.02 s each
+    epochs, steps_per_epoch = plan_length(config, 1000, budget_seconds=100,
+                                          step_seconds=0.02, startup_seconds=5)
+    available = PLANNED_SHARE * 100 - 5
+    assert epochs == int(available // MIN_EPOCH_SECONDS) < round(available / 0.2)
+    assert steps_per_epoch * 0.02 >= MIN_EPOCH_SECONDS
+    assert epochs * steps_per_epoch == pytest.approx(available / 0.02, abs=epochs)
 
 
 def test_the_plan_keeps_an_explicit_steps_per_epoch():
