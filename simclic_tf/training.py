@@ -92,6 +92,11 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
     saved length and has the budget less `spent_seconds` (its last logged
     `seconds`) left. Pretraining seconds count from this call.
     """
+    if config.time_budget:
+        # The garbage of earlier fits in this process (a notebook's, a test
+        # suite's) collected now: mid-run, a collection that ends a tf.data
+        # iterator waits seconds on its threads, time the plan never saw.
+        gc.collect()
     started = time.perf_counter()
     strategy = strategy or tf.distribute.get_strategy()
     precision_pick = None
