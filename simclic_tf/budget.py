@@ -28,9 +28,8 @@ logger = logging.getLogger(__name__)
 # warm the input pipeline; fewer when they would take more than TIMING_SHARE
 # of the budget. On shapes (2 cores) the mean of 10 steps missed the run's
 # mean step by up to 7 % (enough to run a 2-minute plan out of time), of 40
-# by at most 3 %.
+# by at most 3 % (benchmarks/budget_timing.py).
 TIMED_STEPS, WARMUP_STEPS, TIMING_SHARE = 40, 5, 0.05
-TIMING_STEPS = 1 + WARMUP_STEPS + TIMED_STEPS
 # Times a checkpoint save and a kNN evaluation are timed (the fastest is used).
 TIMED_REPEATS = 2
 # The budget the run plans to fill, leaving room for what the timing does
@@ -160,17 +159,23 @@ def time_epoch_end(model, knn_monitor=None):
     return checkpoint_seconds, knn_seconds
 
 
-def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=None):
+def timing_steps(timed_steps=TIMED_STEPS):
+    """Steps a timing of `timed_steps` trains: the first call, the warm-up, the timed."""
+    return 1 + WARMUP_STEPS + timed_steps
+
+
+def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=None,
+                timed_steps=TIMED_STEPS):
     """The `BudgetPlan` of `config.time_budget` for a training set of
-    `num_samples` images: the steps of a throwaway `model` (built, as the
-    real run's, at `started`, a `time.perf_counter()`) timed on its
+    `num_samples` images: `timed_steps` steps of a throwaway `model` (built,
+    as the real run's, at `started`, a `time.perf_counter()`) timed on its
     `dataset`, `knn_monitor` (a KNNMonitor) timed once, then the length planned."""
     budget = parse_duration(config.time_budget)
     started = time.perf_counter() if started is None else started
     build_seconds = time.perf_counter() - started
-    timer = StepTimer(TIMED_STEPS, WARMUP_STEPS, TIMING_SHARE * budget)
-    model.fit(dataset, epochs=1, steps_per_epoch=TIMING_STEPS, verbose=0, callbacks=[timer],
-              shuffle=False)
+    timer = StepTimer(timed_steps, WARMUP_STEPS, TIMING_SHARE * budget)
+    model.fit(dataset, epochs=1, steps_per_epoch=timing_steps(timed_steps), verbose=0,
+              callbacks=[timer], shuffle=False)
     steps = timer.step_intervals()
     checkpoint_seconds, knn_seconds = time_epoch_end(model, knn_monitor)
     startup, step = build_seconds + timer.first_call_seconds, statistics.fmean(steps)

@@ -19,8 +19,8 @@ import keras
 import tensorflow as tf
 
 from simclic_tf import augment, distribute, pipelines
-from simclic_tf.budget import (TIMING_STEPS, BudgetClock, BudgetPlan, parse_duration,
-                               plan_budget, time_epoch_end)
+from simclic_tf.budget import (TIMED_STEPS, BudgetClock, BudgetPlan, parse_duration,
+                               plan_budget, time_epoch_end, timing_steps)
 from simclic_tf.callbacks import CollapseMonitor, DivergenceGuard, KNNMonitor
 from simclic_tf.config import ConfigError
 from simclic_tf.model import SimCLIC, build_optimizer
@@ -127,17 +127,18 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
                        observers(config, knn_monitor, clock), derived, plan, precision_pick)
 
 
-def size_to_budget(config, train_set, strategy, knn_monitor=None):
-    """The `BudgetPlan` of `config.time_budget`: the steps of a throwaway
-    model and input, built as the run's, timed (with `knn_monitor`'s
-    evaluation). The global seed is set again after it, so that the run
-    starts from the draw an unbudgeted run of its seed starts from."""
+def size_to_budget(config, train_set, strategy, knn_monitor=None, timed_steps=TIMED_STEPS):
+    """The `BudgetPlan` of `config.time_budget`: `timed_steps` steps of a
+    throwaway model and input, built as the run's, timed (with
+    `knn_monitor`'s evaluation). The global seed is set again after it, so
+    that the run starts from the draw an unbudgeted run of its seed starts from."""
     started = time.perf_counter()
-    passes = math.ceil(TIMING_STEPS / config.epoch_steps(len(train_set)))
+    passes = math.ceil(timing_steps(timed_steps) / config.epoch_steps(len(train_set)))
     probe = config.replace(epochs=passes, time_budget=None)
     model = build_model(probe, train_set, strategy)
     _, dataset = pretrain_inputs(probe, train_set, strategy)
-    plan = plan_budget(config, len(train_set), model, dataset, knn_monitor, started)
+    plan = plan_budget(config, len(train_set), model, dataset, knn_monitor, started,
+                       timed_steps)
     # Collected now, the throwaway's tf.data iterator goes in 0.2 s; left to a
     # collection mid-run, its end waited on its autotune thread 17 to 54 s.
     del model, dataset
