@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 
 # Steps timed after the first call (trace and compile) and a few more, which
 # warm the input pipeline; fewer when they would take more than TIMING_SHARE
-# of the budget. On shapes (2 cores) the mean of 10 steps missed the run's
-# mean step by up to 7 % (enough to run a 2-minute plan out of time), of 40
-# by at most 3 % (benchmarks/budget_timing.py).
+# of the budget. On shapes the mean of 10 missed the mean of the run's next
+# 400 steps by -9.4 % to +6.6 % (enough to run a 2-minute plan out of time),
+# of 40 by -6.7 % to -0.6 % (benchmarks/budget_timing.py, 6 rounds).
 TIMED_STEPS, WARMUP_STEPS, TIMING_SHARE = 40, 5, 0.05
 # Times a checkpoint save and a kNN evaluation are timed (the fastest is used).
 TIMED_REPEATS = 2
