@@ -7,7 +7,7 @@ times the steps as a budgeted run does (`size_to_budget`, once per count in
 prints each timing's error against their mean step.
 
     python benchmarks/budget_timing.py                       # shapes, 10 and 40 steps
-    python benchmarks/budget_timing.py --dataset digits --rounds 5
+    python benchmarks/budget_timing.py --views 1 --strength-ramp 0.5 --rounds 6
 
 Run it alone: another process on the cores changes both sides.
 """
@@ -50,12 +50,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=SimCLICConfig.dataset)
+    parser.add_argument("--views", type=int, default=SimCLICConfig.views)
+    parser.add_argument("--strength-ramp", type=float, default=SimCLICConfig.strength_ramp)
     parser.add_argument("--timed-steps", type=int, nargs="+", default=[10, 40])
     parser.add_argument("--steps", type=int, default=400, help="real steps a round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    config = SimCLICConfig(dataset=args.dataset, time_budget="2m")
+    config = SimCLICConfig(dataset=args.dataset, views=args.views,
+                           strength_ramp=args.strength_ramp, time_budget="2m")
     keras.utils.set_random_seed(config.seed)
     train_set, _ = sources.load_train_and_eval(config)
     errors = {count: [] for count in args.timed_steps}
