@@ -13,37 +13,28 @@ Run it alone: another process on the cores changes both sides.
 """
 
 import argparse
+import math
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
 from simclic_tf import SimCLICConfig, sources  # noqa: E402
+from simclic_tf.budget import StepTimer  # noqa: E402
 from simclic_tf.training import build_pretraining, size_to_budget  # noqa: E402
-
-
-class StepEnds(keras.callbacks.Callback):
-    """The times at which a fit's steps end."""
-
-    def on_train_begin(self, logs=None):
-        self.ends = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.ends.append(time.perf_counter())
 
 
 def mean_step_seconds(config, train_set, steps, skipped=3):
     """The mean step of `steps` steps of `config`'s pretraining, after
-    `skipped` (the trace and the input's warm-up)."""
+    `skipped` (the trace and the input's warm-up), timed as the budget's
+    timing times its steps (`StepTimer`, never stopping the fit early)."""
     pretraining = build_pretraining(config.replace(time_budget=None, epochs=1,
                                                    steps_per_epoch=steps), train_set)
-    ends = StepEnds()
-    pretraining.fit([ends], verbose=0)
-    later = ends.ends[skipped:]
-    return statistics.fmean(b - a for a, b in zip(later, later[1:]))
+    timer = StepTimer(steps, skipped, math.inf)
+    pretraining.fit([timer], verbose=0)
+    return statistics.fmean(timer.step_intervals())
 
 
 def main():
