@@ -1,15 +1,18 @@
 """`--time-budget`: pretraining sized to a wall-clock budget.
 
-Users pay for time, not for epochs. A budgeted run times its first steps on
-a throwaway copy of its model and input, then sizes the epochs so that
-pretraining (that timing, the model's start-up, the steps and the kNN
-monitor) fills the budget, and builds the real run with its schedules
-(cosine, warm-up, ramp, derived predictor rate) fitted to that length. A
+Users pay for time, not for epochs. A budgeted run builds its model, times
+its first steps (then undoes them: the run starts from the model as built),
+sizes the epochs so that pretraining (the build, that timing, the steps and
+the kNN monitor) fills the budget, and fits the model's schedules (cosine,
+warm-up, ramp, derived predictor rate) to that length
+(`SimCLIC.fit_to_length`). Timing the run's own model matters: the same
+config's step varied by up to 17 % between fresh models. A
 `BudgetClock` keeps the account: it logs the pretraining seconds spent at
 every epoch's end (so a resumed run knows what is left) and ends training
 at the budget should the run be slower than its first steps said.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -20,6 +23,7 @@ import time
 
 import keras
 
+from simclic_tf import compat
 from simclic_tf.config import ConfigError, parse_duration
 
 logger = logging.getLogger(__name__)
@@ -54,11 +58,12 @@ class BudgetPlan:
       budget_seconds: the budget, pretraining only (evaluation is after it).
       step_seconds: the mean training step over the timed steps.
       timed_steps: how many steps were timed.
-      startup_seconds: the model's build and first call (trace and compile).
+      startup_seconds: the model's build and first call (trace and compile),
+        spent before the timed steps: the run's fit reuses the trace.
       knn_seconds: one kNN monitor evaluation (0 without the monitor).
       checkpoint_seconds: one save of the model's weights, as the epoch's
         checkpoint (`keras.callbacks.BackupAndRestore`) takes.
-      timing_seconds: what the timing itself took, spent from the budget.
+      timing_seconds: what the build and timing took, spent from the budget.
       epochs, steps_per_epoch: the length chosen.
     """
 
@@ -79,21 +84,21 @@ class BudgetPlan:
     def describe(self):
         knn = f", the kNN monitor {self.knn_seconds:.1f} s" if self.knn_seconds else ""
         return (f"Time budget {self.budget_seconds:.0f} s: a step takes {self.step_seconds:.3f} s "
-                f"(timed over {self.timed_steps} steps), start-up {self.startup_seconds:.1f} s"
-                f"{knn}, a checkpoint {self.checkpoint_seconds:.1f} s, the timing "
-                f"{self.timing_seconds:.1f} s; pretraining {self.epochs} "
+                f"(timed over {self.timed_steps} steps of the run's model), its start-up "
+                f"{self.startup_seconds:.1f} s{knn}, a checkpoint {self.checkpoint_seconds:.1f} s, "
+                f"the start-up and timing {self.timing_seconds:.1f} s; pretraining {self.epochs} "
                 f"epochs x {self.steps_per_epoch} steps = {self.steps} steps, the schedules "
                 "fitted to that length")
 
 
-def plan_length(config, num_samples, budget_seconds, step_seconds, startup_seconds,
-                knn_seconds=0.0, checkpoint_seconds=0.0, spent_seconds=0.0):
+def plan_length(config, num_samples, budget_seconds, step_seconds, knn_seconds=0.0,
+                checkpoint_seconds=0.0, spent_seconds=0.0):
     """(epochs, steps per epoch) that fill `budget_seconds` less `spent_seconds`
-    (the timing) with a start-up, steps, the kNN monitor's evaluations and a
-    checkpoint an epoch. The epochs stay near passes over the data, but none
-    shorter than MIN_EPOCH_SECONDS; an explicit `config.steps_per_epoch` is
-    kept and the epochs sized instead."""
-    available = PLANNED_SHARE * budget_seconds - spent_seconds - startup_seconds
+    (the model's start-up and the timing) with steps, the kNN monitor's
+    evaluations and a checkpoint an epoch. The epochs stay near passes over
+    the data, but none shorter than MIN_EPOCH_SECONDS; an explicit
+    `config.steps_per_epoch` is kept and the epochs sized instead."""
+    available = PLANNED_SHARE * budget_seconds - spent_seconds
     pass_steps = config.epoch_steps(num_samples)
     monitor_share = knn_seconds / config.knn_every if config.knn_every else 0.0
     epochs = max(1, min(round(available / (pass_steps * step_seconds + monitor_share
@@ -105,9 +110,8 @@ def plan_length(config, num_samples, budget_seconds, step_seconds, startup_secon
     if steps < 1:
         raise ConfigError(
             f"--time-budget {config.time_budget} is too short for one step: the start-up "
-            f"takes {startup_seconds:.1f} s and a step {step_seconds:.2f} s after "
-            f"{spent_seconds:.1f} s of timing; give at least "
-            f"{math.ceil(2 * (spent_seconds + startup_seconds + step_seconds))}s")
+            f"and timing took {spent_seconds:.1f} s and a step takes {step_seconds:.2f} s; "
+            f"give at least {math.ceil(2 * (spent_seconds + step_seconds))}s")
     if config.steps_per_epoch:
         return max(1, steps // pass_steps), pass_steps
     epochs = min(epochs, steps)
@@ -170,23 +174,40 @@ def timing_steps(timed_steps=TIMED_STEPS):
 def plan_budget(config, num_samples, model, dataset, knn_monitor=None, started=None,
                 timed_steps=TIMED_STEPS):
     """The `BudgetPlan` of `config.time_budget` for a training set of
-    `num_samples` images: `timed_steps` steps of a throwaway `model` (built,
-    as the real run's, at `started`, a `time.perf_counter()`) timed on its
-    `dataset`, `knn_monitor` (a KNNMonitor) timed once, then the length planned."""
+    `num_samples` images: `timed_steps` steps of the run's `model` (built at
+    `started`, a `time.perf_counter()`) timed on `dataset` and undone,
+    `knn_monitor` (a KNNMonitor) timed once, then the length planned."""
     budget = parse_duration(config.time_budget)
     started = time.perf_counter() if started is None else started
     build_seconds = time.perf_counter() - started
     timer = StepTimer(timed_steps, WARMUP_STEPS, TIMING_SHARE * budget)
-    model.fit(dataset, epochs=1, steps_per_epoch=timing_steps(timed_steps), verbose=0,
-              callbacks=[timer], shuffle=False)
+    with undone(model):
+        model.fit(dataset, epochs=1, steps_per_epoch=timing_steps(timed_steps), verbose=0,
+                  callbacks=[timer], shuffle=False)
     steps = timer.step_intervals()
     checkpoint_seconds, knn_seconds = time_epoch_end(model, knn_monitor)
     startup, step = build_seconds + timer.first_call_seconds, statistics.fmean(steps)
     spent = time.perf_counter() - started
-    epochs, steps_per_epoch = plan_length(config, num_samples, budget, step, startup,
-                                          knn_seconds, checkpoint_seconds, spent)
+    epochs, steps_per_epoch = plan_length(config, num_samples, budget, step, knn_seconds,
+                                          checkpoint_seconds, spent)
     return BudgetPlan(budget, step, len(steps), startup, knn_seconds, checkpoint_seconds, spent,
                       epochs, steps_per_epoch)
+
+
+@contextlib.contextmanager
+def undone(model):
+    """Runs the block (steps of `model`), then puts every variable of `model`
+    and its optimizer (built now, if not yet) back as it was before."""
+    strategy = model.distribute_strategy
+    with strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+    # Each replica's copy (a history bank's shard differs from the others').
+    copies = [copy for variable in [*model.variables, *model.optimizer.variables]
+              for copy in strategy.experimental_local_results(compat.tf_variable(variable))]
+    values = [copy.numpy() for copy in copies]
+    yield
+    for copy, value in zip(copies, values):
+        copy.assign(value)
 
 
 def fastest_seconds(action, times=TIMED_REPEATS):

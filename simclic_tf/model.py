@@ -19,6 +19,7 @@ from simclic_tf.heads import build_projector
 from simclic_tf.losses import build_distance
 from simclic_tf.optimizers import GroupedSGD, ParameterGroup
 from simclic_tf.registry import PERTURBATIONS, PREDICTORS
+from simclic_tf.schedules import Ramp, RisingToOne, RunCosineDecay
 
 
 Objective = collections.namedtuple("Objective", ["loss", "z", "features"])
@@ -73,7 +74,8 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = SimCLICConfig.from_dict(config)
-        self.config, _ = config.for_budget(config.epoch_steps(int(num_samples)))
+        # Values derived from the run's length, kept so that `fit_to_length` derives them again.
+        self.config, self.derived = config.for_budget(config.epoch_steps(int(num_samples)))
         config = self.config
         self.image_shape = tuple(image_shape)
         self.num_samples = int(num_samples)
@@ -106,7 +108,7 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         if config.target_momentum:
             self.target_backbone = frozen_copy(self.backbone, "target_backbone")
             self.target_projector = frozen_copy(self.projector, "target_projector")
-            self.momentum_schedule = momentum_schedule(config.target_momentum, total_steps)
+            self.momentum_schedule = RisingToOne(config.target_momentum, total_steps)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.z_rank_tracker = keras.metrics.Mean(name="z_rank")
@@ -186,6 +188,21 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
             self.update_target(self.momentum_schedule(self.optimizer.iterations - 1))
         return self._update_metrics(loss, z)
 
+    def fit_to_length(self, epochs, steps_per_epoch):
+        """Fits the schedules, built for any length, to `epochs` epochs of
+        `steps_per_epoch` steps: the learning rate's warm-up and cosine, a
+        predictor rate derived from the length (not one given), the strength
+        ramp and BYOL's momentum, all read by the traced step from variables.
+        A budgeted run so times this model's own steps before it knows its
+        length; `config` (and so `get_config`) then says the new one."""
+        config = self.config.replace(epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                     **dict.fromkeys(self.derived))
+        self.config, self.derived = config.for_budget(steps_per_epoch)
+        for schedule in (self.strength_schedule, self.momentum_schedule):
+            if schedule is not None:
+                schedule.fit_to(epochs * steps_per_epoch)
+        fit_optimizer(self.optimizer, config, steps_per_epoch)
+
     def update_target(self, tau):
         """BYOL's step t <- tau t + (1 - tau) o for each weight o of the
         online backbone and projector that the optimizer trains and its
@@ -246,18 +263,7 @@ def strength_schedule(config, perturbation, total_steps):
     ramps on from its restored step."""
     if not config.strength_ramp:
         return None
-    # Keras's linear schedule, though what it schedules is not a learning rate.
-    return keras.optimizers.schedules.PolynomialDecay(
-        initial_learning_rate=0.0, end_learning_rate=perturbation.strength,
-        decay_steps=max(1, round(config.strength_ramp * total_steps)), power=1.0)
-
-
-def momentum_schedule(base, total_steps):
-    """BYOL's target momentum at an optimizer step: from `base` at the first
-    step up to 1 at `total_steps` by a cosine, 1 - (1 - base) (cos(pi k / K) + 1) / 2
-    (Grill et al. 2020). From the optimizer's step, as the strength ramp."""
-    rest = keras.optimizers.schedules.CosineDecay(1.0 - base, decay_steps=max(1, total_steps))
-    return lambda step: 1.0 - rest(step)
+    return Ramp(perturbation.strength, config.strength_ramp, total_steps)
 
 
 def frozen_copy(model, name):
@@ -272,28 +278,44 @@ def frozen_copy(model, name):
     return copy
 
 
+# SimCLIC's predictor and probe are top-level layers: their variables' paths
+# start with their names (a backbone's "my_predictor_head" is no match).
+PREDICTOR_GROUP, PROBE_GROUP = "^predictor/", "^online_probe/"
+
+
 def build_optimizer(config, steps_per_epoch):
     """SGD with momentum and cosine decay (linear warm-up optional), the
     learning rate scaled with the batch size, L2 decay added to the gradient
     as PyTorch's; the predictor at `pred_lr_scale` times the encoder's rate
     (fixed at that times the peak rate if `fix_pred_lr`), the online probe at
     a fixed `online_probe_lr` without decay. `pred_lr_scale`, if None, is
-    derived from the run's length as the model does (`config.for_budget`)."""
+    derived from the run's length as the model does (`config.for_budget`);
+    `fit_optimizer` fits all of it to another length."""
     config, _ = config.for_budget(steps_per_epoch)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = config.warmup_epochs * steps_per_epoch
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else config.learning_rate,
-        decay_steps=max(total_steps - warmup_steps, 1),
-        warmup_target=config.learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps,
-    )
-    # SimCLIC's predictor and probe are top-level layers: their variables'
-    # paths start with their names (a backbone's "my_predictor_head" is no match).
-    predictor = (ParameterGroup("^predictor/",
-                                learning_rate=config.pred_lr_scale * config.learning_rate)
+    schedule = RunCosineDecay(
+        initial_learning_rate=0.0 if config.warmup_epochs else config.learning_rate,
+        decay_steps=1, warmup_target=config.learning_rate if config.warmup_epochs else None)
+    predictor = (ParameterGroup(PREDICTOR_GROUP, learning_rate=predictor_rate(config))
                  if config.fix_pred_lr else
-                 ParameterGroup("^predictor/", lr_scale=config.pred_lr_scale))
-    probe = ParameterGroup("^online_probe/", learning_rate=config.online_probe_lr, decay=False)
-    return GroupedSGD(learning_rate=schedule, momentum=config.momentum,
-                      l2=config.weight_decay, groups=[predictor, probe])
+                 ParameterGroup(PREDICTOR_GROUP, lr_scale=config.pred_lr_scale))
+    probe = ParameterGroup(PROBE_GROUP, learning_rate=config.online_probe_lr, decay=False)
+    optimizer = GroupedSGD(learning_rate=schedule, momentum=config.momentum,
+                           l2=config.weight_decay, groups=[predictor, probe])
+    fit_optimizer(optimizer, config, steps_per_epoch)
+    return optimizer
+
+
+def fit_optimizer(optimizer, config, steps_per_epoch):
+    """Fits `optimizer` (a `build_optimizer`'s, or a LossScaleOptimizer around
+    one) to `config.epochs` epochs of `steps_per_epoch` steps: the warm-up,
+    the cosine, and the predictor's rate when derived from the length."""
+    config, _ = config.for_budget(steps_per_epoch)
+    sgd = getattr(optimizer, "inner_optimizer", optimizer)
+    sgd.schedule.fit_to(config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch)
+    predictor = next(group for group in sgd.groups if group.pattern == PREDICTOR_GROUP)
+    predictor.set_rate(lr_scale=config.pred_lr_scale, learning_rate=predictor_rate(config))
+
+
+def predictor_rate(config):
+    """The predictor's fixed rate under `fix_pred_lr`: its factor times the peak rate."""
+    return config.pred_lr_scale * config.learning_rate

@@ -13,7 +13,9 @@ class ParameterGroup:
     """The variables whose `path` matches `pattern` (`re.search`) and how they
     learn: at `lr_scale` times the schedule's rate, or at a fixed
     `learning_rate` whatever the schedule (neither: the schedule's rate), with
-    or without the optimizer's L2 decay."""
+    or without the optimizer's L2 decay. The factor or rate is held in a
+    variable, `rate`, so that `set_rate` changes it after the step is traced
+    (a factor derived from the run's length follows a budgeted run's length)."""
 
     def __init__(self, pattern, lr_scale=None, learning_rate=None, decay=True):
         if lr_scale is not None and learning_rate is not None:
@@ -21,9 +23,23 @@ class ParameterGroup:
                              "not both")
         re.compile(pattern)
         self.pattern = pattern
-        self.lr_scale = None if lr_scale is None else float(lr_scale)
-        self.learning_rate = None if learning_rate is None else float(learning_rate)
+        self.fixed = learning_rate is not None
+        value = learning_rate if self.fixed else lr_scale
+        self.rate = None if value is None else keras.Variable(
+            float(value), dtype="float64", trainable=False, name="group_rate")
         self.decay = bool(decay)
+
+    @property
+    def lr_scale(self):
+        return None if self.fixed or self.rate is None else float(self.rate.numpy())
+
+    @property
+    def learning_rate(self):
+        return float(self.rate.numpy()) if self.fixed else None
+
+    def set_rate(self, lr_scale=None, learning_rate=None):
+        """Sets the fixed rate or the factor, whichever the group was built with."""
+        self.rate.assign(learning_rate if self.fixed else lr_scale)
 
     def get_config(self):
         return {"pattern": self.pattern, "lr_scale": self.lr_scale,
@@ -57,6 +73,7 @@ class GroupedSGD(keras.optimizers.SGD):
 
     def __init__(self, learning_rate=0.01, momentum=0.0, l2=0.0, groups=(), **kwargs):
         super().__init__(learning_rate=learning_rate, momentum=momentum, **kwargs)
+        self.schedule = learning_rate  # a schedule object, or a constant rate
         self.l2 = float(l2)
         self.groups = tuple(groups)
 
@@ -73,12 +90,12 @@ class GroupedSGD(keras.optimizers.SGD):
         gradient = ops.cast(gradient, variable.dtype)
         if self.l2 and (group is None or group.decay):
             gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
-        if group is not None and group.learning_rate is not None:
+        if group is not None and group.fixed:
             current = ops.cast(learning_rate, variable.dtype)
-            gradient = gradient * ops.where(
-                current > 0, group.learning_rate / ops.maximum(current, 1e-30), 0.0)
-        elif group is not None and group.lr_scale is not None:
-            gradient = gradient * ops.cast(group.lr_scale, variable.dtype)
+            rate = ops.cast(group.rate, variable.dtype)
+            gradient = gradient * ops.where(current > 0, rate / ops.maximum(current, 1e-30), 0.0)
+        elif group is not None and group.rate is not None:
+            gradient = gradient * ops.cast(group.rate, variable.dtype)
         super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):

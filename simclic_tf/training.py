@@ -88,9 +88,10 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
     add kNN accuracy to the epoch logs.
 
     With `config.time_budget`, a new run (`initial_epoch` 0, nothing spent)
-    is first sized to the budget (`size_to_budget`); a resumed one keeps its
-    saved length and has the budget less `spent_seconds` (its last logged
-    `seconds`) left. Pretraining seconds count from this call.
+    is sized to the budget on its model's first steps (`size_to_budget`); a
+    resumed one keeps its saved length and has the budget less
+    `spent_seconds` (its last logged `seconds`) left. Pretraining seconds
+    count from this call.
     """
     if config.time_budget:
         # The garbage of earlier fits in this process (a notebook's, a test
@@ -107,15 +108,16 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
     knn_monitor = None
     if config.knn_every and memory is not None and queries is not None:
         knn_monitor = KNNMonitor(memory, queries, config.knn_k, config.knn_t, config.knn_every)
+    model = build_model(config, train_set, strategy)
     plan = None
     if config.time_budget and not initial_epoch and not spent_seconds:
-        plan = size_to_budget(config, train_set, strategy, knn_monitor)
+        plan = size_to_budget(config, train_set, model, knn_monitor, started)
         config = config.replace(epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch)
+        model.fit_to_length(plan.epochs, plan.steps_per_epoch)
         logger.warning("%s", plan.describe())
     steps_per_epoch = config.epoch_steps(len(train_set))
     config, derived = config.for_budget(steps_per_epoch)
     augmentation, dataset = pretrain_inputs(config, train_set, strategy, initial_epoch)
-    model = build_model(config, train_set, strategy)
     budget_seconds, epoch_end_seconds = None, 0.0
     if config.time_budget:
         budget_seconds = parse_duration(config.time_budget)
@@ -127,23 +129,20 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
                        observers(config, knn_monitor, clock), derived, plan, precision_pick)
 
 
-def size_to_budget(config, train_set, strategy, knn_monitor=None, timed_steps=TIMED_STEPS):
-    """The `BudgetPlan` of `config.time_budget`: `timed_steps` steps of a
-    throwaway model and input, built as the run's, timed (with
-    `knn_monitor`'s evaluation). The global seed is set again after it, so
-    that the run starts from the draw an unbudgeted run of its seed starts from."""
-    started = time.perf_counter()
+def size_to_budget(config, train_set, model, knn_monitor=None, started=None,
+                   timed_steps=TIMED_STEPS):
+    """The `BudgetPlan` of `config.time_budget`: `timed_steps` steps of the
+    run's `model` (built at `started`, a `time.perf_counter()`) on an input
+    built as the run's, timed (with `knn_monitor`'s evaluation) and undone."""
     passes = math.ceil(timing_steps(timed_steps) / config.epoch_steps(len(train_set)))
     probe = config.replace(epochs=passes, time_budget=None)
-    model = build_model(probe, train_set, strategy)
-    _, dataset = pretrain_inputs(probe, train_set, strategy)
+    _, dataset = pretrain_inputs(probe, train_set, model.distribute_strategy)
     plan = plan_budget(config, len(train_set), model, dataset, knn_monitor, started,
                        timed_steps)
-    # Collected now, the throwaway's tf.data iterator goes in 0.2 s; left to a
+    # Collected now, the timing's tf.data iterator goes in 0.2 s; left to a
     # collection mid-run, its end waited on its autotune thread 17 to 54 s.
-    del model, dataset
+    del dataset
     gc.collect()
-    keras.utils.set_random_seed(config.seed)
     return plan
 
 

@@ -116,17 +116,18 @@ def test_peer_step_runs_both_sides_end_to_end(peer_step):
 
 @pytest.mark.e2e
 def test_budget_timing_prints_each_timings_error_against_the_real_steps(monkeypatch, capsys):
-    """A smoke run of benchmarks/budget_timing.py on digits: one round, two timings."""
+    """A smoke run of benchmarks/budget_timing.py on digits: one round, two timings
+    of the round's model and one of a fresh model."""
     budget_timing = benchmark("budget_timing")
     monkeypatch.setattr(sys, "argv", ["budget_timing.py", "--dataset", "digits", "--timed-steps",
                                       "3", "5", "--steps", "12", "--rounds", "1"])
     budget_timing.main()
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines[2:4]]
-    assert [row[1] for row in rows] == ["3", "5"]
+    rows = [line.split() for line in lines[2:5]]
+    assert [row[1] for row in rows] == ["3", "5", "fresh"]
     for row in rows:
         timed, real, error = float(row[2]), float(row[3]), float(row[4].rstrip("%"))
         assert timed > 0 and real > 0
         assert error == pytest.approx(100 * (timed / real - 1), abs=0.2)
-    assert lines[-2].startswith("timed over 3 steps: error")
-    assert lines[-1].startswith("timed over 5 steps: error")
+    assert [line.split(":")[0] for line in lines[-3:]] == [
+        "timed over 3 steps", "timed over 5 steps", "timed over 40 steps of a fresh model"]

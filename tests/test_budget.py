@@ -50,15 +50,14 @@ def test_epochs_beside_a_time_budget_is_an_error(capsys):
 def test_the_plan_fills_the_budget_with_whole_epochs_near_passes():
     config = SimCLICConfig(batch_size=100, knn_every=1)  # 1,000 images: 10 steps a pass
     epochs, steps_per_epoch = plan_length(config, 1000, budget_seconds=1000,
-                                          step_seconds=1.0, startup_seconds=5,
-                                          knn_seconds=5, checkpoint_seconds=2.5,
-                                          spent_seconds=10)
-    available = PLANNED_SHARE * 1000 - 10 - 5
+                                          step_seconds=1.0, knn_seconds=5,
+                                          checkpoint_seconds=2.5, spent_seconds=15)
+    available = PLANNED_SHARE * 1000 - 15
     # A pass (10 steps, 10 s), its kNN evaluation (5 s) and checkpoint (2.5 s): 17.5 s.
     assert epochs == round(available / 17.5)
     assert steps_per_epoch == int((available - epochs * 7.5) / 1.0) // epochs
     assert steps_per_epoch in (9, 10)  # near a pass
-    used = 10 + 5 + epochs * (steps_per_epoch * 1.0 + 7.5)
+    used = 15 + epochs * (steps_per_epoch * 1.0 + 7.5)
     assert 0 <= PLANNED_SHARE * 1000 - used < 1.0 * epochs  # less than a step an epoch left
 
 
@@ -67,7 +66,7 @@ def test_no_planned_epoch_is_shorter_than_the_minimum():
     with costs the timing does not see: the plan makes fewer, longer ones."""
     config = SimCLICConfig(batch_size=100, knn_every=0)  # 10 steps a pass of 0.02 s each
     epochs, steps_per_epoch = plan_length(config, 1000, budget_seconds=100,
-                                          step_seconds=0.02, startup_seconds=5)
+                                          step_seconds=0.02, spent_seconds=5)
     available = PLANNED_SHARE * 100 - 5
     assert epochs == int(available // MIN_EPOCH_SECONDS) < round(available / 0.2)
     assert steps_per_epoch * 0.02 >= MIN_EPOCH_SECONDS
@@ -76,14 +75,14 @@ def test_no_planned_epoch_is_shorter_than_the_minimum():
 
 def test_the_plan_keeps_an_explicit_steps_per_epoch():
     config = SimCLICConfig(steps_per_epoch=7, knn_every=0)
-    assert plan_length(config, 10_000, 100, 1.0, 2.0) == (int(PLANNED_SHARE * 100 - 2) // 7, 7)
+    assert plan_length(config, 10_000, 100, 1.0, spent_seconds=2.0) == (
+        int(PLANNED_SHARE * 100 - 2) // 7, 7)
 
 
 def test_a_budget_too_short_for_a_step_is_refused_with_what_it_would_take():
     config = SimCLICConfig(time_budget="10s")
     with pytest.raises(ConfigError, match=r"--time-budget 10s is too short .* at least \d+s"):
-        plan_length(config, 1000, 10, step_seconds=1.0, startup_seconds=8.0,
-                    spent_seconds=3.0)
+        plan_length(config, 1000, 10, step_seconds=1.0, spent_seconds=11.0)
 
 
 @pytest.mark.parametrize("epochs, every, expected", [(1, 1, 1), (10, 1, 10), (10, 5, 3),

@@ -45,6 +45,17 @@ def test_the_strength_ramp_moves_every_replicas_mix_alike(tmp_path):
     assert result["copies"] == pytest.approx([0.8, 0.8])
 
 
+def test_a_budgets_timing_is_undone_on_every_replica_and_the_length_fitted_after(tmp_path):
+    out = tmp_path / "budget.json"
+    check(run_helper("budget_mirrored.py", [out]))
+    for layout, result in json.loads(out.read_text()).items():
+        assert result["moved"] > 0.01, layout  # the timed steps changed the copies
+        assert result["left"] == 0.0, layout  # and every copy is back
+        # Fitted to 8 steps, the ramp's half is 4: the traced step follows.
+        np.testing.assert_allclose(result["mixes"], [0.0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8],
+                                   rtol=1e-6, err_msg=layout)
+
+
 @pytest.mark.parametrize("precision, tolerance", [("float32", 1e-4),
                                                   ("mixed_float16", 2e-2)])
 def test_two_replicas_train_as_one_device(tmp_path, precision, tolerance):

@@ -20,7 +20,7 @@ from simclic_tf import ConfigError, SimCLIC, SimCLICConfig
 from simclic_tf.cli import add_config_flags, config_from_args
 from simclic_tf.commands import train
 from simclic_tf.losses import build_distance, nt_xent
-from simclic_tf.model import momentum_schedule
+from simclic_tf.schedules import RisingToOne
 from simclic_tf.perturbations import NearestNeighbourPerturbation
 from simclic_tf.registry import METHODS
 
@@ -110,7 +110,7 @@ def test_the_target_encoder_gets_no_gradient_and_gives_the_target_z():
 
 
 def test_the_target_momentum_rises_to_one_by_a_cosine():
-    schedule = momentum_schedule(0.99, 100)
+    schedule = RisingToOne(0.99, 100)
     taus = [float(schedule(step)) for step in (0, 25, 50, 100, 200)]
     expected = [1 - 0.01 * (math.cos(math.pi * k / 100) + 1) / 2 for k in (0, 25, 50, 100, 100)]
     np.testing.assert_allclose(taus, expected, rtol=1e-7)

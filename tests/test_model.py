@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from simclic_tf import SimCLIC, SimCLICConfig, build_optimizer
+from simclic_tf.budget import undone
 from simclic_tf.optimizers import GroupedSGD
 
 from mix_recorder import MixRecorder
@@ -16,9 +17,9 @@ IMAGE_SHAPE = (8, 8, 1)
 BATCH = 16
 
 
-def tiny_model(num_samples=64, num_classes=3, **changes):
+def tiny_model(num_samples=64, num_classes=3, epochs=2, **changes):
     config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=32, pred_hidden=8,
-                           batch_size=BATCH, epochs=2, **changes)
+                           batch_size=BATCH, epochs=epochs, **changes)
     keras.utils.set_random_seed(0)
     return SimCLIC(config, IMAGE_SHAPE, num_samples, num_classes)
 
@@ -230,6 +231,39 @@ def test_without_a_ramp_the_mix_is_the_strength_from_the_first_step():
     recorder = MixRecorder()
     model.fit(tf.data.Dataset.from_tensors((views, indices)), verbose=0, callbacks=[recorder])
     np.testing.assert_allclose(recorder.mixes, [0.7], rtol=1e-6)
+
+
+def test_a_model_timed_then_fitted_to_its_length_trains_as_one_built_for_it(tmp_path):
+    """--time-budget times the run's own model (then undoes the steps) before
+    it knows its length: fitted to it, the traced step must follow every
+    schedule of the length (warm-up and cosine, the derived predictor rate,
+    the strength ramp, BYOL's momentum), as a model built for it does."""
+    knobs = dict(num_samples=64, perturbation="history", strength_ramp=0.5, warmup_epochs=1,
+                 target_momentum=0.99)
+    # Built for 2 epochs of 4 steps; fitted to 1,000 of 3 (3,000 steps: a
+    # predictor factor below the 30 of short runs, a 3-step warm-up).
+    timed = tiny_model(**knobs)
+    built = tiny_model(**knobs, steps_per_epoch=3, epochs=1000)
+    for model in (timed, built):
+        model.compile(optimizer=build_optimizer(model.config, model.config.epoch_steps(64)))
+    views, indices = batch()
+    data = tf.data.Dataset.from_tensors((views, indices)).repeat(6)
+    with undone(timed):
+        timed.fit(data, epochs=1, steps_per_epoch=2, verbose=0)
+    timed.fit_to_length(1000, 3)
+    assert timed.config == built.config and timed.config.pred_lr_scale < 30
+    for model in (timed, built):
+        model.fit(data, epochs=1, steps_per_epoch=6, verbose=0)
+    assert int(timed.optimizer.iterations) == 6
+    for got, expected in zip(timed.variables, built.variables):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=got.path)
+    # Saved, the model and its optimizer say the fitted length.
+    timed.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    assert loaded.config == built.config
+    assert ({**loaded.optimizer.get_config(), "name": None}
+            == {**built.optimizer.get_config(), "name": None})
 
 
 def test_keras_file_round_trip_keeps_the_history_buffer(tmp_path):
