@@ -36,10 +36,11 @@ logger = logging.getLogger(__name__)
 TIMED_STEPS, WARMUP_STEPS, TIMING_SHARE = 40, 5, 0.05
 # Times a checkpoint save and a kNN evaluation are timed (the fastest is used).
 TIMED_REPEATS = 2
-# The budget the run plans to fill, leaving room for what the timing does
-# not see: the progress bar and logs, and the timing's error (on shapes its
-# steps ran up to 7 % faster than the run's; the run itself varied by 4 %).
-PLANNED_SHARE = 0.92
+# The share of the budget the plan fills at the timed pace: the most steps
+# the run may take. `BudgetClock` then fits the length to the run's own pace
+# (it ends at FINISH_SHARE), so the plan errs long: planned at 100 %, a run
+# whose timing was 12 % slow reached its last planned step at 89 %.
+PLANNED_SHARE = 1.2
 # The shortest epoch a plan makes: each epoch also costs what the timing does
 # not see (a new iterator, the logs and callbacks: 0.2 to 0.3 s here), 4 to 6 %
 # of a 5 s epoch (2-minute runs on shapes ran out of time with that floor),
@@ -52,6 +53,9 @@ UNSEEN_EPOCH_END = 2.0
 # then the epoch's end, each the slowest seen): a 2-minute run in CI once
 # ended 0.07 s past its budget, the forecast met to the last tenth of a second.
 GUARD_SHARE = 0.01
+# Where `BudgetClock` fits a run's last step to come, at the run's own pace:
+# the last epoch's end and the pace's jitter follow it.
+FINISH_SHARE = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +101,17 @@ class BudgetPlan:
 
 def plan_length(config, num_samples, budget_seconds, step_seconds, knn_seconds=0.0,
                 checkpoint_seconds=0.0, spent_seconds=0.0):
-    """(epochs, steps per epoch) that fill `budget_seconds` less `spent_seconds`
-    (the model's start-up and the timing) with steps, the kNN monitor's
-    evaluations and a checkpoint an epoch. The epochs stay near passes over
-    the data, but none shorter than MIN_EPOCH_SECONDS; an explicit
-    `config.steps_per_epoch` is kept and the epochs sized instead."""
+    """(epochs, steps per epoch) that fill PLANNED_SHARE of `budget_seconds`
+    less `spent_seconds` (the model's start-up and the timing) with steps,
+    the kNN monitor's evaluations and a checkpoint an epoch: the most the run
+    may take. The epochs stay near passes over the data, but none shorter
+    than MIN_EPOCH_SECONDS; an explicit `config.steps_per_epoch` is kept and
+    the epochs sized instead."""
+    if budget_seconds - spent_seconds < step_seconds:
+        raise ConfigError(
+            f"--time-budget {config.time_budget} is too short for one step: the start-up "
+            f"and timing took {spent_seconds:.1f} s and a step takes {step_seconds:.2f} s; "
+            f"give at least {math.ceil(2 * (spent_seconds + step_seconds))}s")
     available = PLANNED_SHARE * budget_seconds - spent_seconds
     pass_steps = config.epoch_steps(num_samples)
     monitor_share = knn_seconds / config.knn_every if config.knn_every else 0.0
@@ -110,12 +120,7 @@ def plan_length(config, num_samples, budget_seconds, step_seconds, knn_seconds=0
                         math.floor(available / MIN_EPOCH_SECONDS)))
     between_epochs = (knn_evaluations(epochs, config.knn_every) * knn_seconds
                       + epochs * checkpoint_seconds)
-    steps = math.floor((available - between_epochs) / step_seconds)
-    if steps < 1:
-        raise ConfigError(
-            f"--time-budget {config.time_budget} is too short for one step: the start-up "
-            f"and timing took {spent_seconds:.1f} s and a step takes {step_seconds:.2f} s; "
-            f"give at least {math.ceil(2 * (spent_seconds + step_seconds))}s")
+    steps = max(1, math.floor((available - between_epochs) / step_seconds))
     if config.steps_per_epoch:
         return max(1, steps // pass_steps), pass_steps
     epochs = min(epochs, steps)
@@ -227,13 +232,20 @@ def fastest_seconds(action, times=TIMED_REPEATS):
 
 class BudgetClock(keras.callbacks.Callback):
     """Adds `seconds`, the pretraining seconds spent so far, to every epoch's
-    logs (so history.csv holds it and a resume continues the account), and
-    with a `budget_seconds` ends training before a step that, with the
-    epoch's end after it, could come within GUARD_SHARE of the budget. Both
-    are the slowest seen
-    (a step after the fit's first, which traces; an epoch's end, with the kNN
-    monitor, checkpoint and logs, at first `epoch_end_seconds`): a step's
-    jitter must not carry the run past its budget.
+    logs (so history.csv holds it and a resume continues the account). With
+    a `budget_seconds`:
+
+    - with `fit_length`, at each epoch's end it fits the run's length to the
+      pace of this fit so far (steps and epoch ends, after the first step): the
+      steps that end at FINISH_SHARE of the budget, at most the fit's epochs x
+      steps; `fit_length(total_steps)` fits the schedules to it, and training
+      ends at that step, within an epoch if need be. A timing of the first
+      steps alone missed the run's pace by -5 to +7 % (2-minute runs on shapes).
+    - it ends training before a step that, with the epoch's end after it,
+      could come within GUARD_SHARE of the budget (the run has then run out
+      of time before its schedules' end, and says so). Both are the slowest
+      seen (a step after the fit's first, which may trace; an epoch's end, with
+      the kNN monitor, checkpoint and logs, at first `epoch_end_seconds`).
 
     Args:
       spent_seconds: spent before this fit (the timing, or a resumed run's
@@ -243,19 +255,25 @@ class BudgetClock(keras.callbacks.Callback):
         kNN monitor) take. Until an epoch's end is seen, `UNSEEN_EPOCH_END`
         times that is reserved for it: the job's backup (written twice), logs
         and TensorBoard, not timed, add about half again (a resumed run with
-        one epoch left ended 0.08 s past its budget on the timed parts alone).
+        one epoch left ended 0.12 s past its budget on the timed parts alone).
+      fit_length: None, or a function of the run's total steps that fits
+        its schedules to them (`SimCLIC.fit_to_length`).
     """
 
-    def __init__(self, spent_seconds=0.0, budget_seconds=None, epoch_end_seconds=0.0):
+    def __init__(self, spent_seconds=0.0, budget_seconds=None, epoch_end_seconds=0.0,
+                 fit_length=None):
         super().__init__()
         self.spent_seconds = spent_seconds
         self.budget_seconds = budget_seconds
         self.epoch_end_seconds = UNSEEN_EPOCH_END * epoch_end_seconds
+        self.fit_length = fit_length
         self.ran_out = None
 
     def on_train_begin(self, logs=None):
         self.start, self.end, self.last_batch_end = time.perf_counter(), None, None
         self.slowest_step = 0.0
+        self.most_steps = self.end_step = self.params["epochs"] * self.params["steps"]
+        self.first_step_end = None
 
     @property
     def seconds(self):
@@ -275,18 +293,38 @@ class BudgetClock(keras.callbacks.Callback):
         self.last_batch_end = time.perf_counter()
         if self.budget_seconds is None:
             return
-        if not first_of_fit:
-            self.slowest_step = max(self.slowest_step, self.last_batch_end - self.batch_start)
         done = self.model.optimizer.iterations.numpy().item()
-        if (self.seconds + self.slowest_step + self.epoch_end_seconds
-                > (1 - GUARD_SHARE) * self.budget_seconds
-                and done < self.params["epochs"] * self.params["steps"]):
+        if first_of_fit:
+            self.first_step_end = (done, self.last_batch_end)
+        else:
+            self.slowest_step = max(self.slowest_step, self.last_batch_end - self.batch_start)
+        if done >= self.end_step:
+            self.model.stop_training = True
+        elif (self.seconds + self.slowest_step + self.epoch_end_seconds
+                > (1 - GUARD_SHARE) * self.budget_seconds):
             self.ran_out = done
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["seconds"] = self.seconds
+        if self.fit_length is not None and self.budget_seconds is not None:
+            self.fit_to_pace()
+
+    def fit_to_pace(self):
+        """Fits the run's length to end at FINISH_SHARE of the budget at this fit's pace."""
+        done = self.model.optimizer.iterations.numpy().item()
+        first, first_end = self.first_step_end
+        if done <= first or self.model.stop_training:
+            return
+        pace = (time.perf_counter() - first_end) / (done - first)
+        left = FINISH_SHARE * self.budget_seconds - self.seconds
+        end_step = min(self.most_steps, done + max(0, math.floor(left / pace)))
+        if end_step != self.end_step:
+            self.end_step = end_step
+            self.fit_length(end_step)
+        if done >= end_step:
+            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         self.end = time.perf_counter()
@@ -295,3 +333,7 @@ class BudgetClock(keras.callbacks.Callback):
                            "the planned end; the learning rate had not decayed to its end "
                            "(the run was slower than its first steps)", self.budget_seconds,
                            self.ran_out)
+        elif self.fit_length is not None and self.end_step < self.most_steps:
+            logger.warning("--time-budget: pretraining took %d steps of the %d planned, its "
+                           "schedules fitted to that length at each epoch's end from the "
+                           "run's pace", self.end_step, self.most_steps)

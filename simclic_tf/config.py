@@ -157,9 +157,9 @@ class SimCLICConfig(Knobs):
     epochs: int = knob(20, "pretraining epochs", range=(1, 100000))
     time_budget: Optional[str] = knob(
         None, "pretrain for this wall-clock time instead of --epochs (90s, 30m, 2h): the "
-        "first steps are timed, then the epochs (and steps per epoch) sized to fill it, "
-        "with the schedules fitted to that length; saved in config.json, which keeps the "
-        "length chosen. Evaluation comes after it, timed apart")
+        "first steps are timed and the epochs (and steps per epoch) planned, saved in "
+        "config.json; at each epoch's end the length and schedules are fitted to the run's "
+        "pace, to end near 95 % of it. Evaluation comes after it, timed apart")
     base_lr: float = knob(0.12, "learning rate at batch 256 (lr = base_lr * B / 256)",
                           range=(0.0, 100.0))
     momentum: float = knob(0.9, "SGD momentum", range=(0.0, 0.999))
@@ -276,12 +276,13 @@ class SimCLICConfig(Knobs):
         name = checked_value("method", name)
         return self.replace(**{**METHODS.get(name).knobs(), **overrides, "method": name})
 
-    def for_budget(self, steps_per_epoch):
+    def for_budget(self, steps_per_epoch, total_steps=None):
         """(this config with every budget-derived knob left at None filled in,
         {knob: derived value}). A derived value is what `derive_pred_lr_scale`
-        gives for `epochs * steps_per_epoch` optimizer steps; a value given
-        explicitly is kept."""
-        total_steps = self.epochs * steps_per_epoch
+        gives for the run's optimizer steps, `total_steps` (default `epochs *
+        steps_per_epoch`; a budgeted run may end within an epoch); a value
+        given explicitly is kept."""
+        total_steps = total_steps or self.epochs * steps_per_epoch
         derived = {}
         if self.pred_lr_scale is None:
             derived["pred_lr_scale"] = derive_pred_lr_scale(total_steps)

@@ -102,13 +102,13 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         self.perturbation = PERTURBATIONS.get(config.perturbation).from_run_config(
             config, self.num_samples)
         self.distance = build_distance(config)
-        total_steps = config.epochs * config.epoch_steps(self.num_samples)
-        self.strength_schedule = strength_schedule(config, self.perturbation, total_steps)
+        self.run_steps = config.epochs * config.epoch_steps(self.num_samples)
+        self.strength_schedule = strength_schedule(config, self.perturbation, self.run_steps)
         self.momentum_schedule = None
         if config.target_momentum:
             self.target_backbone = frozen_copy(self.backbone, "target_backbone")
             self.target_projector = frozen_copy(self.projector, "target_projector")
-            self.momentum_schedule = RisingToOne(config.target_momentum, total_steps)
+            self.momentum_schedule = RisingToOne(config.target_momentum, self.run_steps)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.z_rank_tracker = keras.metrics.Mean(name="z_rank")
@@ -188,20 +188,23 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
             self.update_target(self.momentum_schedule(self.optimizer.iterations - 1))
         return self._update_metrics(loss, z)
 
-    def fit_to_length(self, epochs, steps_per_epoch):
+    def fit_to_length(self, epochs, steps_per_epoch, total_steps=None):
         """Fits the schedules, built for any length, to `epochs` epochs of
-        `steps_per_epoch` steps: the learning rate's warm-up and cosine, a
-        predictor rate derived from the length (not one given), the strength
-        ramp and BYOL's momentum, all read by the traced step from variables.
-        A budgeted run so times this model's own steps before it knows its
-        length; `config` (and so `get_config`) then says the new one."""
+        `steps_per_epoch` steps, or to `total_steps` within them (a budgeted
+        run may end within its last epoch): the learning rate's warm-up and
+        cosine, a predictor rate derived from the length (not one given), the
+        strength ramp and BYOL's momentum, all read by the traced step from
+        variables. A budgeted run so times this model's own steps before it
+        knows its length, and fits it to its pace as it goes; `config` (and
+        so `get_config`) says the epochs, `run_steps` the steps."""
+        self.run_steps = total_steps or epochs * steps_per_epoch
         config = self.config.replace(epochs=epochs, steps_per_epoch=steps_per_epoch,
                                      **dict.fromkeys(self.derived))
-        self.config, self.derived = config.for_budget(steps_per_epoch)
+        self.config, self.derived = config.for_budget(steps_per_epoch, self.run_steps)
         for schedule in (self.strength_schedule, self.momentum_schedule):
             if schedule is not None:
-                schedule.fit_to(epochs * steps_per_epoch)
-        fit_optimizer(self.optimizer, config, steps_per_epoch)
+                schedule.fit_to(self.run_steps)
+        fit_optimizer(self.optimizer, config, steps_per_epoch, self.run_steps)
 
     def update_target(self, tau):
         """BYOL's step t <- tau t + (1 - tau) o for each weight o of the
@@ -305,13 +308,15 @@ def build_optimizer(config, steps_per_epoch):
     return optimizer
 
 
-def fit_optimizer(optimizer, config, steps_per_epoch):
+def fit_optimizer(optimizer, config, steps_per_epoch, total_steps=None):
     """Fits `optimizer` (a `build_optimizer`'s, or a LossScaleOptimizer around
-    one) to `config.epochs` epochs of `steps_per_epoch` steps: the warm-up,
-    the cosine, and the predictor's rate when derived from the length."""
-    config, _ = config.for_budget(steps_per_epoch)
+    one) to `config.epochs` epochs of `steps_per_epoch` steps, or `total_steps`
+    within them: the warm-up, the cosine, and the predictor's rate when
+    derived from the length."""
+    config, _ = config.for_budget(steps_per_epoch, total_steps)
     sgd = getattr(optimizer, "inner_optimizer", optimizer)
-    sgd.schedule.fit_to(config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch)
+    sgd.schedule.fit_to(total_steps or config.epochs * steps_per_epoch,
+                        config.warmup_epochs * steps_per_epoch)
     predictor = next(group for group in sgd.groups if group.pattern == PREDICTOR_GROUP)
     predictor.set_rate(lr_scale=config.pred_lr_scale, learning_rate=predictor_rate(config))
 

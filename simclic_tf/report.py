@@ -118,11 +118,12 @@ def markdown(report):
 
 def budget_line(budget, steps):
     """What --time-budget chose and spent."""
-    chosen = (f"{budget['epochs']} epochs x {budget['steps_per_epoch']} steps = {steps} steps "
-              f"chosen from a step of {budget['step_seconds']:.3f} s timed over "
+    chosen = (f"at most {budget['epochs']} epochs x {budget['steps_per_epoch']} steps planned "
+              f"from a step of {budget['step_seconds']:.3f} s timed over "
               f"{budget['timed_steps']} steps; " if "epochs" in budget else "")
-    ending = (f"the budget ran out at step {budget['ran_out_at_step']}, before the planned end"
-              if budget["ran_out_at_step"] is not None else "the planned steps all ran")
+    ending = (f"the budget ran out at step {budget['ran_out_at_step']}, before the schedules' end"
+              if budget["ran_out_at_step"] is not None else
+              f"{steps} steps, the length fitted to the run's pace, ended the schedules")
     return (f"- time budget {budget['budget_seconds']:.0f} s: {chosen}pretraining took "
             f"{budget['seconds']:.0f} s (timing and start-up included); {ending}")
 

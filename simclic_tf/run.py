@@ -81,8 +81,9 @@ def run(config, resume=False, given=None):
         finally:
             stop.training = False  # a signal from here on stops at once
         report["train_seconds"] = time.time() - start
-        if config.time_budget:
-            report["budget"] = budget_report(pretraining)
+        if config.time_budget:  # the length the run's pace fitted, and what follows from it
+            report.update(config=model.config.to_dict(), steps=pretraining.total_steps,
+                          derived=pretraining.derived, budget=budget_report(pretraining))
 
         outputs.export(model, config.run_dir)
         rows = outputs.history_rows(run_dir.file("history.csv"))

@@ -8,6 +8,7 @@ share, so that a knob acts the same wherever the config is used.
 """
 
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -34,7 +35,8 @@ class Pretraining:
 
     Attributes:
       config: the run's config, its budget-derived knobs filled in
-        (`derived`: {knob: value} of those).
+        (`derived`: {knob: value} of those; with a time budget, the model's
+        config says them at the length the run ends with).
       model: the compiled `SimCLIC` (optimizer, schedules and ramp inside).
       augmentation: the views' augmentation layer (seeded by `config.seed`).
       dataset: the distributed pretraining input from `initial_epoch` on.
@@ -55,13 +57,18 @@ class Pretraining:
     steps_per_epoch: int
     initial_epoch: int = 0
     callbacks: tuple = ()
-    derived: dict = dataclasses.field(default_factory=dict)
     budget: Optional[BudgetPlan] = None
     precision_pick: Optional[str] = None
 
     @property
     def total_steps(self):
-        return self.config.epochs * self.steps_per_epoch
+        """The run's length in steps, which a budgeted run fits to its pace as it goes."""
+        return self.model.run_steps
+
+    @property
+    def derived(self):
+        """{knob: value} of the knobs derived from the run's length."""
+        return self.model.derived
 
     @property
     def collapse_monitor(self):
@@ -116,7 +123,7 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
         model.fit_to_length(plan.epochs, plan.steps_per_epoch)
         logger.warning("%s", plan.describe())
     steps_per_epoch = config.epoch_steps(len(train_set))
-    config, derived = config.for_budget(steps_per_epoch)
+    config, _ = config.for_budget(steps_per_epoch)
     augmentation, dataset = pretrain_inputs(config, train_set, strategy, initial_epoch)
     budget_seconds, epoch_end_seconds = None, 0.0
     if config.time_budget:
@@ -124,9 +131,10 @@ def build_pretraining(config, train_set, strategy=None, initial_epoch=0, memory=
         epoch_end_seconds = sum((plan.checkpoint_seconds, plan.knn_seconds) if plan
                                 else time_epoch_end(model, knn_monitor))
     clock = BudgetClock(spent_seconds + time.perf_counter() - started, budget_seconds,
-                        epoch_end_seconds)
+                        epoch_end_seconds, fit_length=functools.partial(
+                            model.fit_to_length, config.epochs, steps_per_epoch))
     return Pretraining(config, model, augmentation, dataset, steps_per_epoch, initial_epoch,
-                       observers(config, knn_monitor, clock), derived, plan, precision_pick)
+                       observers(config, knn_monitor, clock), plan, precision_pick)
 
 
 def size_to_budget(config, train_set, model, knn_monitor=None, started=None,
