@@ -204,7 +204,7 @@ class SimCLIC(compat.PrebuiltModel, keras.Model):
         for schedule in (self.strength_schedule, self.momentum_schedule):
             if schedule is not None:
                 schedule.fit_to(self.run_steps)
-        fit_optimizer(self.optimizer, config, steps_per_epoch, self.run_steps)
+        fit_optimizer(self.optimizer, self.config, steps_per_epoch, self.run_steps)
 
     def update_target(self, tau):
         """BYOL's step t <- tau t + (1 - tau) o for each weight o of the
