@@ -59,15 +59,18 @@ COLUMNS = ("encoder", "knn_accuracy", "linear_accuracy", "final_z_std", "steps",
 # split): the library's defaults but for base lr 0.06 and the paper's
 # projector and predictor sizes, 20 epochs of the 10k file.
 RECIPE = dict(epochs=20, base_lr=0.06, proj_dim=2048, pred_hidden=512, knn_every=5)
-# key: (row label, the knobs that define the row): `perturbation`, `perturb`
-# and `views`, or a rival `method` and the knobs it fixes. A method's recipe
-# knobs (methods.py) apply under the flags given, so a screen can vary them.
+# key: (row label, the knobs that define the row): `perturbation`, `perturb`,
+# and `views` and `strength_ramp` where the config's derived form (one view,
+# ramped, for a history target) is not the row's; or a rival `method` and the
+# knobs it fixes. A method's recipe knobs (methods.py) apply under the flags
+# given, so a screen can vary them.
 SSL_ROWS = {
     "none": ("SimSiam (none)", dict(perturbation="none")),
-    "history": ("SimCLIC history", dict(perturbation="history")),
+    "history": ("SimCLIC history", dict(perturbation="history", views=2)),
     "dropout": ("SimCLIC dropout", dict(perturbation="dropout")),
     "noise": ("SimCLIC noise", dict(perturbation="noise")),
-    "history_1view": ("SimCLIC history, 1 view", dict(perturbation="history", views=1)),
+    "history_1view": ("SimCLIC history, 1 view",
+                      dict(perturbation="history", views=1, strength_ramp=0.0)),
     # The perturbation before the predictor instead of on the target: the
     # variants that led SimSiam in the validation screening (docs/benchmarks.md).
     "noise_online": ("SimCLIC noise, online", dict(perturbation="noise", perturb="online")),
@@ -76,14 +79,19 @@ SSL_ROWS = {
     # history combined with a memoryless perturbation, and a ramped strength.
     "history_1view_online": ("SimCLIC history, 1 view, online",
                              dict(perturbation="history", views=1, perturb="online")),
-    "history+dropout": ("SimCLIC history + dropout", dict(perturbation="history+dropout")),
-    "history+noise": ("SimCLIC history + noise", dict(perturbation="history+noise")),
+    "history+dropout": ("SimCLIC history + dropout",
+                        dict(perturbation="history+dropout", views=2)),
+    "history+noise": ("SimCLIC history + noise", dict(perturbation="history+noise", views=2)),
     "history+dropout_1view": ("SimCLIC history + dropout, 1 view",
-                              dict(perturbation="history+dropout", views=1)),
+                              dict(perturbation="history+dropout", views=1, strength_ramp=0.0)),
+    "history+dropout_ramp_1view": ("SimCLIC history + dropout, 1 view, ramped",
+                                   dict(perturbation="history+dropout", views=1)),
     "history_ramp": ("SimCLIC history, strength ramped over the first half",
-                     dict(perturbation="history", strength_ramp=0.5)),
-    "history_ramp_1view": ("SimCLIC history, 1 view, ramped",
-                           dict(perturbation="history", views=1, strength_ramp=0.5)),
+                     dict(perturbation="history", views=2, strength_ramp=0.5)),
+    # The shipped default (the ramp, here and above: the derived 0.5, or
+    # --strength-ramp's).
+    "history_ramp_1view": ("SimCLIC history, 1 view, ramped (the default)",
+                           dict(perturbation="history", views=1)),
     # The rival methods on the same encoder, heads and optimiser (simclic_tf/methods.py).
     **{method: (label, dict(method=method, **METHODS.get(method).fixed))
        for method, label in (("byol", "BYOL"), ("simclr", "SimCLR"), ("nnsiam", "NNSiam"))},

@@ -51,6 +51,11 @@ SECTIONS = (("data", "dataset"), ("model", "backbone"), ("perturbation", "pertur
             ("scale", "strategy"), ("run", "seed"))
 
 
+# The ramp of the per-compute form: the history mix rises over the first
+# half of the run (docs/benchmarks.md, "The screen of per-compute forms").
+PER_COMPUTE_RAMP = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class SimCLICConfig(Knobs):
     """Every knob of a SimCLIC run."""
@@ -107,9 +112,11 @@ class SimCLICConfig(Knobs):
         "perturbation strength: history mix a, dropout rate, or noise scale s; "
         "default: the perturbation's own",
     )
-    strength_ramp: float = knob(
-        0.0, "fraction of the epochs over which the history mix a ramps linearly from 0 "
-        "(SimSiam's target) up to --strength; 0: a constant strength", range=(0.0, 1.0))
+    strength_ramp: Optional[float] = knob(
+        None, "fraction of the run over which the history mix a ramps linearly from 0 "
+        "(SimSiam's target) up to --strength; 0: a constant strength; default: "
+        f"{PER_COMPUTE_RAMP} in the one-view form of --views's default, else 0",
+        range=(0.0, 1.0))
     history_momentum: float = knob(
         0.0, "history buffer momentum m in H[i] <- m H[i] + (1-m) z", range=(0.0, 0.999)
     )
@@ -135,7 +142,10 @@ class SimCLICConfig(Knobs):
         "simclic", "the method, as knobs of this model: sets the knobs that define it and "
         "its recipe's (simclic_tf/methods.py); flags given override the recipe's",
         choices=METHODS)
-    views: int = knob(2, "augmented views per image", choices=(1, 2))
+    views: Optional[int] = knob(
+        None, "augmented views per image; default: 1 for a history perturbation of the "
+        "target without a momentum encoder or --second-view-size (SimCLIC's per-compute "
+        "form: README, Which form to use), else 2", choices=(1, 2))
     second_view_size: int = knob(
         0, "side in pixels of the second view's crop (0: the images' own): a smaller "
         "second view, as multi-crop's small crops (Caron et al. 2020), costs less per step; "
@@ -229,6 +239,35 @@ class SimCLICConfig(Knobs):
         False, "end pretraining at the first epoch the collapse alarm fires (z_rank "
         "below its threshold), then evaluate and report as usual")
     run_dir: str = knob("runs/latest", "directory for logs, checkpoints and report")
+
+    def _fill_defaults(self):
+        """Fills `views` and `strength_ramp` where they are None with the form
+        `per_compute_form` chooses, and remembers which, so that `replace`
+        derives them again from the changed knobs."""
+        filled = []
+        if self.views is None:
+            object.__setattr__(self, "views", 1 if self.per_compute_form else 2)
+            filled.append("views")
+        if self.strength_ramp is None:
+            ramp = PER_COMPUTE_RAMP if self.views == 1 and self.per_compute_form else 0.0
+            object.__setattr__(self, "strength_ramp", ramp)
+            filled.append("strength_ramp")
+        object.__setattr__(self, "_filled", tuple(filled))
+
+    @property
+    def per_compute_form(self):
+        """Whether the run can take SimCLIC's per-compute form, one view with
+        its history mix ramped in: a history perturbation (one the ramp applies
+        to) of the target branch, which shares the online weights (no
+        momentum encoder) and has no second-view size to honour."""
+        return (PERTURBATIONS.get(self.perturbation).rampable and self.perturb == "target"
+                and not self.target_momentum and not self.second_view_size)
+
+    def replace(self, **changes):
+        """This config with `changes`; the knobs it derived (`_fill_defaults`)
+        and `changes` leaves alone are derived again."""
+        derived_again = {name: None for name in self._filled if name not in changes}
+        return super().replace(**derived_again, **changes)
 
     def _check_combinations(self):
         METHODS.get(self.method).check(self)

@@ -122,7 +122,11 @@ class Knobs:
     def __post_init__(self):
         for field in knob_fields(self):
             object.__setattr__(self, field.name, checked(field, getattr(self, field.name)))
+        self._fill_defaults()
         self._check_combinations()
+
+    def _fill_defaults(self):
+        """Fills the knobs whose default depends on other knobs (none here)."""
 
     def _check_combinations(self):
         """Checks that span several knobs (none here)."""

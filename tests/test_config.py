@@ -21,6 +21,43 @@ def test_defaults_are_the_small_image_recipe():
     assert config.fix_pred_lr and config.pred_lr_scale is None  # derived from the budget
 
 
+def test_the_default_form_is_one_view_ramped_for_a_history_target():
+    config = SimCLICConfig()
+    assert (config.perturbation, config.perturb, config.views, config.strength_ramp) == (
+        "history", "target", 1, 0.5)
+    # The history perturbations the ramp applies to take the form too.
+    assert SimCLICConfig(perturbation="history+dropout").views == 1
+    # Where the form does not apply, two views and a constant strength.
+    for changes in (dict(perturbation="none"), dict(perturbation="dropout"),
+                    dict(perturb="online"), dict(target_momentum=0.99),
+                    dict(second_view_size=16)):
+        derived = SimCLICConfig(**changes)
+        assert (derived.views, derived.strength_ramp) == (2, 0.0), changes
+    # One view asked for gets the ramp; two views, none; a value given is kept.
+    assert SimCLICConfig(views=1, perturb="target").strength_ramp == 0.5
+    assert SimCLICConfig(views=2).strength_ramp == 0.0
+    assert SimCLICConfig(views=1, perturb="online").strength_ramp == 0.0
+    assert (SimCLICConfig(strength_ramp=0.75).views, SimCLICConfig(views=2, strength_ramp=0.25)
+            .strength_ramp) == (1, 0.25)
+
+
+def test_replace_and_methods_derive_the_form_again():
+    config = SimCLICConfig()
+    # What the config derived follows the knobs changed...
+    assert (config.replace(perturbation="none").views,
+            config.replace(perturbation="none").strength_ramp) == (2, 0.0)
+    assert config.replace(perturbation="none").replace(perturbation="history") == config
+    for method in ("simsiam", "byol", "simclr", "nnsiam"):
+        assert (config.for_method(method).views, config.for_method(method).strength_ramp) == (
+            2, 0.0), method
+    # ...what was given stays: --views 2 is kept through a change of perturbation.
+    two_views = SimCLICConfig(views=2).replace(perturbation="dropout").replace(
+        perturbation="history")
+    assert (two_views.views, two_views.strength_ramp) == (2, 0.0)
+    # A saved config holds the values derived: loading it is the same run.
+    assert json.loads(json.dumps(config.to_dict()))["views"] == 1
+
+
 def test_the_predictor_rate_is_derived_from_the_run_length():
     assert derive_pred_lr_scale(100) == derive_pred_lr_scale(1560) == 30.0
     assert derive_pred_lr_scale(300_000) == derive_pred_lr_scale(10**7) == 1.0
@@ -43,6 +80,11 @@ def test_the_shipped_recipes_load_and_validate():
         assert {key: getattr(config, key) for key in values} == values
     paper = SimCLICConfig.recipe("paper")
     assert (paper.epochs, paper.batch_size, paper.width, paper.proj_dim) == (1000, 128, 64, 2048)
+    # The paper's two-view history; the cpu recipe, SimSiam's target, which
+    # led the one-view form at its length on CIFAR-10 (README, Recipes).
+    assert (paper.views, paper.strength_ramp) == (2, 0.0)
+    cpu = SimCLICConfig.recipe("cpu")
+    assert (cpu.perturbation, cpu.views, cpu.strength_ramp) == ("none", 2, 0.0)
 
 
 def test_an_unknown_recipe_names_the_shipped_ones():

@@ -17,9 +17,10 @@ IMAGE_SHAPE = (8, 8, 1)
 BATCH = 16
 
 
-def tiny_model(num_samples=64, num_classes=3, epochs=2, **changes):
+def tiny_model(num_samples=64, num_classes=3, epochs=2, views=2, **changes):
+    """A tiny SimCLIC of two views (what `batch` feeds it) unless told otherwise."""
     config = SimCLICConfig(backbone="tiny_convnet", width=4, proj_dim=32, pred_hidden=8,
-                           batch_size=BATCH, epochs=epochs, **changes)
+                           batch_size=BATCH, epochs=epochs, views=views, **changes)
     keras.utils.set_random_seed(0)
     return SimCLIC(config, IMAGE_SHAPE, num_samples, num_classes)
 
