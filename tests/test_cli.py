@@ -51,7 +51,10 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert report["config"]["perturbation"] == "history" and report["collapsed_at_epoch"] is None
     # The predictor's rate was left to the budget: config.json and the report say what it got.
     derived = derive_pred_lr_scale(2 * (1437 // 64))
-    assert json.loads((run_dir / "config.json").read_text())["pred_lr_scale"] == derived
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["pred_lr_scale"] == derived
+    # The default form, derived and saved: one view, its history mix ramped in.
+    assert (saved["views"], saved["strength_ramp"]) == (1, 0.5)
     assert report["derived"] == {"pred_lr_scale": derived} and report["steps"] == 44
     assert f"--pred-lr-scale {derived}" in (run_dir / "report.md").read_text()
     console = capsys.readouterr().out.splitlines()
