@@ -116,6 +116,13 @@ def test_the_search_space_comes_from_the_config():
     trial.values = {"perturbation": "none"}
     assert hypermodel_module.trial_config(
         SimCLICConfig(strength=0.5), ("perturbation",), trial).strength is None
+    # ...and its own default form: SimSiam's two views beside the default
+    # one-view history, unless the views are given.
+    simsiam = hypermodel_module.trial_config(SimCLICConfig(), ("perturbation",), trial)
+    assert (simsiam.views, simsiam.strength_ramp) == (2, 0.0)
+    trial.values = {"perturbation": "history"}
+    assert hypermodel_module.trial_config(SimCLICConfig(views=2), ("perturbation",),
+                                          trial).views == 2
 
 
 def test_the_grid_starts_at_the_configured_value_and_covers_the_space():
