@@ -62,9 +62,12 @@ def schedule_of(optimizer):
 
 
 def probe_config(**changes):
+    """A tiny history model of two views (the batches these tests feed) at a
+    constant mix: the optimizer's tests, not the default form's."""
     return SimCLICConfig(**{**dict(backbone="tiny_convnet", width=4, proj_dim=16, pred_hidden=8,
                                    batch_size=BATCH, epochs=2, warmup_epochs=1,
-                                   online_probe=True, perturbation="history"), **changes})
+                                   online_probe=True, perturbation="history", views=2),
+                            **changes})
 
 
 @pytest.mark.parametrize("fix_pred_lr", [True, False])
