@@ -9,7 +9,7 @@ step; and, as the budget timed before, the error of a timing on another
 model of the same config (built fresh, as a throwaway).
 
     python benchmarks/budget_timing.py                       # shapes, 10 and 40 steps
-    python benchmarks/budget_timing.py --views 1 --strength-ramp 0.5 --rounds 6
+    python benchmarks/budget_timing.py --views 2 --rounds 6  # the two-view form
 
 Run it alone: another process on the cores changes both sides.
 """
@@ -49,8 +49,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=SimCLICConfig.dataset)
-    parser.add_argument("--views", type=int, default=SimCLICConfig.views)
-    parser.add_argument("--strength-ramp", type=float, default=SimCLICConfig.strength_ramp)
+    parser.add_argument("--views", type=int, help="default: the config's derived form")
+    parser.add_argument("--strength-ramp", type=float,
+                        help="default: the config's derived form")
     parser.add_argument("--timed-steps", type=int, nargs="+", default=[10, 40])
     parser.add_argument("--steps", type=int, default=400, help="real steps a round")
     parser.add_argument("--rounds", type=int, default=3)
